@@ -1,0 +1,27 @@
+# hxfr: the two commands are `make demo` and `make test`; both install what is missing.
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: demo test deps build lint fuzz
+
+deps:
+	@bash scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release -p hxfr
+
+demo: build
+	./target/release/hxfr demo
+
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test: lint
+	$(CARGO) test --workspace --locked
+
+# Fuzz the decoder (needs a nightly toolchain and cargo-fuzz): FUZZ_SECONDS=300 make fuzz
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && $(CARGO) +nightly fuzz run decode -- -max_total_time=$(FUZZ_SECONDS)

@@ -1,0 +1,155 @@
+//! The streaming decoder: bytes in (split anywhere), packets out.
+
+use bytes::{Buf, BytesMut};
+
+use crate::{DecodeError, HEADER_LEN, Header, MAGIC, Packet};
+
+/// Default bound on one message's payload: enough for an inline 4K BGRx
+/// frame (33 MiB) with room to spare.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
+
+/// Turns a byte stream into [`Packet`]s.
+///
+/// Feed it a `BytesMut` that the caller appends to; each call to
+/// [`FrameDecoder::decode`] removes at most one message from its front.
+/// Nothing the peer claims is allocated before it is checked: a payload size
+/// over the limit is refused before any buffer grows, and
+/// [`FrameDecoder::reserve_hint`] tells the reader how much to make room for.
+///
+/// In *resynchronising* mode (byte streams that can restart mid-message, such
+/// as a virtio-serial port after a guest reboot) bad magic or an oversize
+/// payload does not end the stream: the decoder skips to the next `"HXFR"`
+/// and reports [`DecodeError::Resynced`] once, then carries on.
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    max_payload: u32,
+    resync: bool,
+    /// Header of the message whose payload is still arriving.
+    pending: Option<Header>,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder::new(DEFAULT_MAX_PAYLOAD)
+    }
+}
+
+const MAGIC_BYTES: [u8; 4] = MAGIC.to_le_bytes();
+
+impl FrameDecoder {
+    pub fn new(max_payload: u32) -> FrameDecoder {
+        FrameDecoder { max_payload, resync: false, pending: None }
+    }
+
+    /// Hunt for the next magic instead of failing when framing is lost.
+    pub fn resynchronising(mut self, on: bool) -> FrameDecoder {
+        self.resync = on;
+        self
+    }
+
+    pub fn max_payload(&self) -> u32 {
+        self.max_payload
+    }
+
+    /// How many more bytes the message at the front of `buf` needs (0 when
+    /// unknown or complete). Bounded by the payload limit.
+    pub fn reserve_hint(&self, buf: &BytesMut) -> usize {
+        match self.pending {
+            Some(h) => (h.payload_size as usize).saturating_sub(buf.len()),
+            None => HEADER_LEN.saturating_sub(buf.len()),
+        }
+    }
+
+    /// Forgets any partly read message (after the caller discards its buffer).
+    pub fn reset(&mut self) {
+        self.pending = None;
+    }
+
+    /// Takes one message off the front of `buf`.
+    ///
+    /// `Ok(None)`: more bytes are needed. `Err(e)` with `!e.is_fatal()`: one
+    /// message was malformed and has been consumed; call again. A fatal error
+    /// leaves `buf` as it was: the stream cannot go on.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Packet>, DecodeError> {
+        let header = match self.pending {
+            Some(h) => h,
+            None => {
+                if buf.len() < HEADER_LEN {
+                    return Ok(None);
+                }
+                match self.check_header(buf) {
+                    Ok(h) => {
+                        buf.advance(HEADER_LEN);
+                        self.pending = Some(h);
+                        h
+                    }
+                    // Lost framing: report once, with how much was skipped.
+                    Err(_) if self.resync => return Err(DecodeError::Resynced(skip_to_magic(buf))),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let size = header.payload_size as usize;
+        if buf.len() < size {
+            // Room for the rest of this message, bounded by the checked size.
+            buf.reserve(size - buf.len());
+            return Ok(None);
+        }
+        self.pending = None;
+        let payload = buf.split_to(size).freeze();
+        Packet::parse(&header, payload).map(Some)
+    }
+
+    fn check_header(&self, buf: &[u8]) -> Result<Header, DecodeError> {
+        let header = Header::parse(buf[..HEADER_LEN].try_into().unwrap())?;
+        if header.payload_size > self.max_payload {
+            return Err(DecodeError::PayloadTooLarge { size: header.payload_size, max: self.max_payload });
+        }
+        Ok(header)
+    }
+}
+
+/// Drops bytes from the front of `buf` up to the next possible magic (at
+/// least one byte, so a bad header at offset 0 is always left behind); keeps a
+/// partial magic at the end. Returns how many bytes were dropped.
+fn skip_to_magic(buf: &mut BytesMut) -> usize {
+    let from = 1;
+    let found = buf[from..].windows(MAGIC_BYTES.len()).position(|w| w == MAGIC_BYTES).map(|p| p + from);
+    let cut = match found {
+        Some(p) => p,
+        None => {
+            // Keep the longest tail that could be the start of a magic.
+            let keep = (1..MAGIC_BYTES.len())
+                .rev()
+                .find(|&k| buf.len() > k && buf[buf.len() - k..] == MAGIC_BYTES[..k])
+                .unwrap_or(0);
+            buf.len() - keep
+        }
+    };
+    buf.advance(cut);
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Message;
+
+    #[test]
+    fn skip_keeps_partial_magic() {
+        let mut b = BytesMut::from(&b"xxxxHX"[..]);
+        assert_eq!(skip_to_magic(&mut b), 4);
+        assert_eq!(&b[..], b"HX");
+    }
+
+    #[test]
+    fn resync_finds_next_message() {
+        let mut good = BytesMut::new();
+        Packet::new(3, Message::Ping).encode(&mut good);
+        let mut b = BytesMut::from(&b"garbage-bytes!!"[..]);
+        b.extend_from_slice(&good);
+        let mut d = FrameDecoder::default().resynchronising(true);
+        assert_eq!(d.decode(&mut b), Err(DecodeError::Resynced(15)));
+        assert_eq!(d.decode(&mut b).unwrap(), Some(Packet::new(3, Message::Ping)));
+    }
+}
