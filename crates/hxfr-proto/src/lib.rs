@@ -16,6 +16,7 @@ mod decode;
 mod error;
 pub mod fourcc;
 pub mod io;
+pub mod layout;
 mod message;
 
 #[cfg(feature = "tokio")]
@@ -23,6 +24,7 @@ pub use codec::HxfrCodec;
 pub use decode::{DEFAULT_MAX_PAYLOAD, FrameDecoder};
 pub use error::{DecodeError, ErrorCode};
 pub use fourcc::Fourcc;
+pub use layout::{Layout, LayoutError, PixelFormat};
 pub use message::*;
 
 /// `"HXFR"` read as a little-endian u32.
