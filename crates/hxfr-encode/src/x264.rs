@@ -68,6 +68,14 @@ impl X264Encoder {
             100 => Some(c"high"),
             _ => None,
         };
+        // apply_profile only caps the profile; x264 derives profile_idc from the
+        // tools in use, and fast presets turn off the ones Main and High need.
+        if config.profile >= 77 {
+            p.b_cabac = 1;
+        }
+        if config.profile >= 100 {
+            p.analyse.b_transform_8x8 = 1;
+        }
         if let Some(profile) = profile {
             // SAFETY: p is initialised; the profile name is a valid C string.
             if unsafe { sys::x264_param_apply_profile(&mut p, profile.as_ptr()) } < 0 {

@@ -26,6 +26,8 @@ pub struct FrameDecoder {
     resync: bool,
     /// Header of the message whose payload is still arriving.
     pending: Option<Header>,
+    /// Header of the last message taken off the stream, good or malformed.
+    last: Option<Header>,
 }
 
 impl Default for FrameDecoder {
@@ -38,7 +40,7 @@ const MAGIC_BYTES: [u8; 4] = MAGIC.to_le_bytes();
 
 impl FrameDecoder {
     pub fn new(max_payload: u32) -> FrameDecoder {
-        FrameDecoder { max_payload, resync: false, pending: None }
+        FrameDecoder { max_payload, resync: false, pending: None, last: None }
     }
 
     /// Hunt for the next magic instead of failing when framing is lost.
@@ -58,6 +60,17 @@ impl FrameDecoder {
             Some(h) => (h.payload_size as usize).saturating_sub(buf.len()),
             None => HEADER_LEN.saturating_sub(buf.len()),
         }
+    }
+
+    /// The header of the last message consumed (also when it was malformed):
+    /// lets a server answer a bad request in its own session, in order.
+    pub fn last_header(&self) -> Option<Header> {
+        self.last
+    }
+
+    /// True while a message's header has been read but not all its payload.
+    pub fn is_mid_message(&self) -> bool {
+        self.pending.is_some()
     }
 
     /// Forgets any partly read message (after the caller discards its buffer).
@@ -96,6 +109,7 @@ impl FrameDecoder {
             return Ok(None);
         }
         self.pending = None;
+        self.last = Some(header);
         let payload = buf.split_to(size).freeze();
         Packet::parse(&header, payload).map(Some)
     }

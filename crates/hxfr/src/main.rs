@@ -1,1 +1,135 @@
-fn main() {}
+//! `hxfr`: one binary, thin over the libraries.
+
+mod demo;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use hxfr_encode::EncoderKind;
+use hxfr_host::{HostConfig, Limits, ListenAddr};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "hxfr", version, about = "Hand a VM's desktop video to the host for H.264 encoding")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve guests: take raw frames, answer each with H.264, in order.
+    Host(HostArgs),
+    /// Run the whole path on this machine: a host and a guest streaming a
+    /// moving test pattern through it, every answer decoded and scored.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// Where to listen: tcp:HOST:PORT, unix:PATH, vsock:PORT. Repeatable.
+    /// [default: tcp:127.0.0.1:15937, where QEMU user networking sends a
+    /// guest's 10.0.2.2:15937]
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<ListenAddr>,
+    /// Connect to a QEMU chardev socket (unix:PATH) behind a virtio-serial
+    /// port such as com.helix.frame-export; reconnects when the VM restarts.
+    #[arg(long = "connect", value_name = "unix:PATH")]
+    connect: Vec<String>,
+    /// auto (hardware first, then x264), x264, or gst:ELEMENT.
+    #[arg(long, default_value = "auto")]
+    encoder: EncoderKind,
+    /// x264 speed preset.
+    #[arg(long, default_value = "ultrafast")]
+    x264_preset: String,
+    /// Encoder threads per session (0: the encoder decides).
+    #[arg(long, default_value_t = 0)]
+    threads: u32,
+    /// A file shared with the guest (QEMU memory-backend-file behind
+    /// ivshmem-plain) for shared-memory frames.
+    #[arg(long, value_name = "PATH")]
+    shm: Option<PathBuf>,
+    /// Allow TCP listeners on non-loopback addresses (frames are screen contents).
+    #[arg(long)]
+    allow_remote: bool,
+    /// Seconds between stats lines (0: only on exit).
+    #[arg(long, default_value_t = 10)]
+    stats_interval: u64,
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Streams per connection.
+    #[arg(long, default_value_t = Limits::default().max_sessions)]
+    max_sessions: usize,
+    /// Frames queued per session before the host stops reading (backpressure).
+    #[arg(long, default_value_t = Limits::default().max_in_flight)]
+    max_in_flight: usize,
+    /// Largest message accepted, in MiB.
+    #[arg(long, default_value_t = Limits::default().max_payload >> 20)]
+    max_payload_mib: u32,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,hxfr_host=info".into()),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Host(a) => host(a),
+        Command::Demo(a) => demo::run(a),
+    }
+}
+
+fn host(a: HostArgs) -> Result<()> {
+    if a.max_payload_mib == 0 || a.max_payload_mib > 1024 {
+        bail!("--max-payload-mib must be between 1 and 1024");
+    }
+    let connect = a
+        .connect
+        .iter()
+        .map(|c| c.strip_prefix("unix:").map(PathBuf::from).context("--connect takes unix:PATH"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut listen = a.listen;
+    if listen.is_empty() && connect.is_empty() {
+        listen.push(ListenAddr::default());
+    }
+    let config = HostConfig {
+        encoder: a.encoder,
+        x264_preset: a.x264_preset,
+        encoder_threads: a.threads,
+        limits: Limits {
+            max_connections: a.max_connections,
+            max_sessions: a.max_sessions,
+            max_payload: a.max_payload_mib << 20,
+            max_in_flight: a.max_in_flight,
+        },
+        shm_path: a.shm,
+        resolver: None,
+        stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
+        allow_remote: a.allow_remote,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let host = hxfr_host::Host::new(config)?;
+        info!("encoder: {}", host.encoder());
+        let mut listeners = Vec::new();
+        for l in &listen {
+            listeners.push(host.bind(l).await?);
+        }
+        let stats = host.stats();
+        host.serve(listeners, connect, async {
+            let _ = tokio::signal::ctrl_c().await;
+            info!("stopping");
+        })
+        .await;
+        for s in stats.snapshots() {
+            info!("final: {s}");
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,301 @@
+//! The guest's end of HXFR: where the host is ([`HostAddr`]), a blocking
+//! [`Connection`] to it, and nothing else. The GStreamer element and the
+//! static guest test program both build on this.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use hxfr_proto::{DecodeError, FrameDecoder, Hello, HelloResp, Message, PROTOCOL_VERSION, Packet};
+use thiserror::Error;
+
+/// Where the host is, as the element's `host` property spells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostAddr {
+    /// `tcp:HOST:PORT` (QEMU user networking: `tcp:10.0.2.2:15937`)
+    Tcp(String, u16),
+    /// `unix:PATH`
+    Unix(PathBuf),
+    /// `vsock:CID:PORT` (the host is CID 2)
+    Vsock(u32, u32),
+    /// `serial:PATH`, a virtio-serial port such as /dev/virtio-ports/com.helix.frame-export
+    Serial(PathBuf),
+}
+
+impl FromStr for HostAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected tcp:HOST:PORT, unix:PATH, vsock:CID:PORT or serial:PATH");
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "tcp" => {
+                let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                if host.is_empty() {
+                    return Err(bad());
+                }
+                Ok(HostAddr::Tcp(host.to_string(), port.parse().map_err(|_| bad())?))
+            }
+            "unix" if !rest.is_empty() => Ok(HostAddr::Unix(rest.into())),
+            "serial" if !rest.is_empty() => Ok(HostAddr::Serial(rest.into())),
+            "vsock" => {
+                let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
+                Ok(HostAddr::Vsock(cid.parse().map_err(|_| bad())?, port.parse().map_err(|_| bad())?))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostAddr::Tcp(h, p) if h.contains(':') => write!(f, "tcp:[{h}]:{p}"),
+            HostAddr::Tcp(h, p) => write!(f, "tcp:{h}:{p}"),
+            HostAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            HostAddr::Vsock(c, p) => write!(f, "vsock:{c}:{p}"),
+            HostAddr::Serial(p) => write!(f, "serial:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum GuestError {
+    #[error("cannot reach the host at {addr}: {source}")]
+    Connect { addr: HostAddr, source: io::Error },
+    #[error("host connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("host sent something unreadable: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("no HELLO_RESP from the host within {0:?}")]
+    HelloTimeout(Duration),
+}
+
+/// The byte stream to the host.
+pub enum Transport {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    Vsock(vsock::VsockStream),
+    Serial(File),
+}
+
+impl Transport {
+    pub fn connect(addr: &HostAddr, timeout: Duration) -> Result<Transport, GuestError> {
+        let err = |source| GuestError::Connect { addr: addr.clone(), source };
+        let t = match addr {
+            HostAddr::Tcp(host, port) => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+                let mut found = None;
+                for a in (host.as_str(), *port).to_socket_addrs().map_err(err)? {
+                    match TcpStream::connect_timeout(&a, timeout) {
+                        Ok(s) => {
+                            found = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = found.ok_or_else(|| err(last))?;
+                s.set_nodelay(true).map_err(err)?;
+                Transport::Tcp(s)
+            }
+            HostAddr::Unix(p) => Transport::Unix(UnixStream::connect(p).map_err(err)?),
+            HostAddr::Vsock(cid, port) => {
+                Transport::Vsock(vsock::VsockStream::connect(&vsock::VsockAddr::new(*cid, *port)).map_err(err)?)
+            }
+            HostAddr::Serial(p) => Transport::Serial(OpenOptions::new().read(true).write(true).open(p).map_err(err)?),
+        };
+        Ok(t)
+    }
+
+    /// A byte stream whose framing can be lost across restarts (virtio-serial).
+    pub fn needs_resync(&self) -> bool {
+        matches!(self, Transport::Serial(_))
+    }
+
+    /// Read timeout for sockets; for a serial port (a character device) it is
+    /// applied with poll() in [`Connection::recv_timeout`].
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Transport::Tcp(s) => s.set_read_timeout(t),
+            Transport::Unix(s) => s.set_read_timeout(t),
+            Transport::Vsock(s) => s.set_read_timeout(t),
+            Transport::Serial(_) => Ok(()),
+        }
+    }
+
+    pub fn try_clone(&self) -> io::Result<Transport> {
+        Ok(match self {
+            Transport::Tcp(s) => Transport::Tcp(s.try_clone()?),
+            Transport::Unix(s) => Transport::Unix(s.try_clone()?),
+            Transport::Vsock(s) => Transport::Vsock(s.try_clone()?),
+            Transport::Serial(f) => Transport::Serial(f.try_clone()?),
+        })
+    }
+
+    /// Shuts both directions, waking a reader blocked on the other handle.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Transport::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Transport::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Transport::Vsock(s) => s.shutdown(std::net::Shutdown::Both),
+            Transport::Serial(_) => Ok(()),
+        };
+    }
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(s) => s.read(buf),
+            Transport::Unix(s) => s.read(buf),
+            Transport::Vsock(s) => s.read(buf),
+            Transport::Serial(f) => f.read(buf),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(s) => s.write(buf),
+            Transport::Unix(s) => s.write(buf),
+            Transport::Vsock(s) => s.write(buf),
+            Transport::Serial(f) => f.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(s) => s.write_vectored(bufs),
+            Transport::Unix(s) => s.write_vectored(bufs),
+            Transport::Vsock(s) => s.write_vectored(bufs),
+            Transport::Serial(f) => f.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sending half of a connection (split off so a reader thread can own the other).
+pub struct Sender {
+    t: Transport,
+    scratch: BytesMut,
+}
+
+impl Sender {
+    /// Writes one packet; inline pixels go out by reference in a vectored write.
+    pub fn send(&mut self, p: &Packet) -> io::Result<()> {
+        hxfr_proto::io::write_packet(&mut self.t, p, &mut self.scratch)
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.t
+    }
+}
+
+/// Receiving half.
+pub struct Receiver {
+    t: Transport,
+    dec: FrameDecoder,
+    buf: BytesMut,
+}
+
+impl Receiver {
+    /// The next packet from the host (blocking, subject to the read timeout).
+    /// Non-fatal decode errors are returned; the stream stays usable after them.
+    pub fn recv(&mut self) -> Result<Packet, DecodeError> {
+        hxfr_proto::io::read_packet(&mut self.t, &mut self.dec, &mut self.buf)
+    }
+}
+
+/// A conversation with the host.
+pub struct Connection {
+    pub tx: Sender,
+    pub rx: Receiver,
+}
+
+impl Connection {
+    pub fn connect(addr: &HostAddr, timeout: Duration) -> Result<Connection, GuestError> {
+        let t = Transport::connect(addr, timeout)?;
+        let resync = t.needs_resync();
+        let r = t.try_clone()?;
+        Ok(Connection {
+            tx: Sender { t, scratch: BytesMut::with_capacity(256) },
+            rx: Receiver { t: r, dec: FrameDecoder::default().resynchronising(resync), buf: BytesMut::new() },
+        })
+    }
+
+    pub fn send(&mut self, p: &Packet) -> io::Result<()> {
+        self.tx.send(p)
+    }
+
+    pub fn recv(&mut self) -> Result<Packet, DecodeError> {
+        self.rx.recv()
+    }
+
+    /// Starts a clean conversation: sends HELLO with a fresh nonce and skips
+    /// everything until the HELLO_RESP carrying it (stale answers left in a
+    /// virtio-serial port by an earlier run, or by a host restarted mid-stream).
+    /// Hosts that predate HELLO never answer it: only use it with ours.
+    pub fn hello(&mut self, features: u32, timeout: Duration) -> Result<HelloResp, GuestError> {
+        let nonce = nonce();
+        self.send(&Packet::new(0, Message::Hello(Hello { nonce, version: PROTOCOL_VERSION, features })))?;
+        let deadline = Instant::now() + timeout;
+        self.rx.t.set_read_timeout(Some(timeout))?;
+        let result = loop {
+            if Instant::now() >= deadline {
+                break Err(GuestError::HelloTimeout(timeout));
+            }
+            match self.recv() {
+                Ok(Packet { message: Message::HelloResp(r), .. }) if r.nonce == nonce => break Ok(r),
+                Ok(_) => continue,
+                Err(DecodeError::Io(e)) if e.contains("timed out") || e.contains("would block") => {
+                    break Err(GuestError::HelloTimeout(timeout));
+                }
+                Err(e) if e.is_fatal() => break Err(e.into()),
+                Err(_) => continue,
+            }
+        };
+        self.rx.t.set_read_timeout(None)?;
+        result
+    }
+
+    pub fn split(self) -> (Sender, Receiver) {
+        (self.tx, self.rx)
+    }
+}
+
+/// A nonce that differs between runs and processes (no RNG crate needed).
+fn nonce() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (t.as_nanos() as u32) ^ std::process::id().rotate_left(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_host_addresses() {
+        assert_eq!("tcp:10.0.2.2:15937".parse(), Ok(HostAddr::Tcp("10.0.2.2".into(), 15937)));
+        assert_eq!("tcp:[::1]:5".parse(), Ok(HostAddr::Tcp("::1".into(), 5)));
+        assert_eq!("vsock:2:5000".parse(), Ok(HostAddr::Vsock(2, 5000)));
+        assert_eq!("unix:/run/h.sock".parse(), Ok(HostAddr::Unix("/run/h.sock".into())));
+        assert_eq!(
+            "serial:/dev/virtio-ports/com.helix.frame-export".parse(),
+            Ok(HostAddr::Serial("/dev/virtio-ports/com.helix.frame-export".into()))
+        );
+        for bad in ["", "tcp:", "tcp:host", "tcp::5", "vsock:2", "unix:", "ftp:x"] {
+            assert!(bad.parse::<HostAddr>().is_err(), "{bad}");
+        }
+        for ok in ["tcp:[::1]:5", "vsock:2:5000", "unix:/x"] {
+            assert_eq!(ok.parse::<HostAddr>().unwrap().to_string(), ok);
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Where the host listens or connects: `tcp:HOST:PORT`, `unix:PATH`, `vsock:PORT`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// The C element's default port, also ours.
+pub const DEFAULT_TCP_PORT: u16 = 15937;
+/// Helix's well-known vsock port.
+pub const DEFAULT_VSOCK_PORT: u32 = 5000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+    /// AF_VSOCK on any CID at this port.
+    Vsock(u32),
+}
+
+impl ListenAddr {
+    /// A TCP address other guests or machines could reach.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, ListenAddr::Tcp(a) if !a.ip().is_loopback())
+    }
+}
+
+impl Default for ListenAddr {
+    fn default() -> Self {
+        ListenAddr::Tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_TCP_PORT))
+    }
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, rest) =
+            s.split_once(':').ok_or_else(|| format!("{s:?}: expected tcp:HOST:PORT, unix:PATH or vsock:PORT"))?;
+        match kind {
+            "tcp" => parse_tcp(rest).map(ListenAddr::Tcp),
+            "unix" if !rest.is_empty() => Ok(ListenAddr::Unix(PathBuf::from(rest))),
+            "vsock" => rest.parse().map(ListenAddr::Vsock).map_err(|_| format!("{s:?}: bad vsock port")),
+            _ => Err(format!("{s:?}: expected tcp:HOST:PORT, unix:PATH or vsock:PORT")),
+        }
+    }
+}
+
+/// `HOST:PORT`, `[V6]:PORT`, `localhost:PORT`.
+pub fn parse_tcp(s: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = s.strip_prefix("localhost:") {
+        let port = port.parse().map_err(|_| format!("bad port in {s:?}"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    s.parse().map_err(|_| format!("{s:?}: expected IP:PORT"))
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Vsock(p) => write!(f, "vsock:{p}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_kind() {
+        assert_eq!("tcp:127.0.0.1:15937".parse::<ListenAddr>().unwrap(), ListenAddr::default());
+        assert_eq!("tcp:localhost:15937".parse::<ListenAddr>().unwrap(), ListenAddr::default());
+        assert!("tcp:[::1]:1".parse::<ListenAddr>().is_ok());
+        assert_eq!("unix:/tmp/x".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("/tmp/x".into()));
+        assert_eq!("vsock:5000".parse::<ListenAddr>().unwrap(), ListenAddr::Vsock(5000));
+        for bad in ["", "tcp:", "tcp:nohost", "unix:", "vsock:x", "udp:1.2.3.4:5"] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+        assert!("tcp:0.0.0.0:1".parse::<ListenAddr>().unwrap().is_remote());
+        assert!(!ListenAddr::default().is_remote());
+    }
+}

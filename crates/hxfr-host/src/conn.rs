@@ -1,0 +1,288 @@
+//! One connection: a reader that dispatches, a writer that answers.
+//!
+//! The reader decodes requests and hands each to its session's bounded queue;
+//! when a queue is full the reader waits, so a guest that sends faster than
+//! the host encodes is slowed by its own socket. Answers come back from the
+//! session threads through one bounded channel to the writer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use hxfr_proto::{
+    DecodeError, ErrorCode, FrameDecoder, HelloResp, HxfrCodec, Message, PROTOCOL_VERSION, Packet, features, msg_type,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::Ctx;
+use crate::session::{self, Job, SessionHandle};
+
+/// A message that has started arriving must finish within this time.
+const PARTIAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// "No limit" for an idle connection (a static desktop sends nothing).
+const IDLE_FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A guest that does not read its answers for this long is gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Answers waiting for the writer, across all sessions of a connection.
+const OUT_QUEUE: usize = 64;
+
+/// An answer, tagged with the conversation it belongs to: after a HELLO the
+/// writer drops answers of the sessions that came before it.
+pub(crate) struct Outgoing {
+    pub epoch: u64,
+    pub packet: Packet,
+}
+
+/// How a connection's byte stream behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// A socket: each connection is one conversation, lost framing ends it.
+    Socket,
+    /// A virtio-serial port: the guest can restart while the host's end stays
+    /// open, so lost framing means "hunt for the next magic".
+    Serial,
+}
+
+pub(crate) async fn serve<S>(ctx: Arc<Ctx>, stream: S, peer: String, kind: StreamKind)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    info!(conn = conn_id, %peer, "guest connected");
+    let (rd, wr) = tokio::io::split(stream);
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUT_QUEUE);
+    let epoch = Arc::new(AtomicU64::new(0));
+    let cancel = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(wr, out_rx, epoch.clone(), cancel.clone(), conn_id));
+    let decoder = FrameDecoder::new(ctx.config.limits.max_payload).resynchronising(kind == StreamKind::Serial);
+    let mut framed = FramedRead::with_capacity(rd, HxfrCodec::new(decoder), 256 * 1024);
+    let mut conn = Conn { ctx: ctx.clone(), conn_id, peer, sessions: HashMap::new(), out: out_tx, epoch };
+
+    let mut clean_eof = false;
+    loop {
+        let mid_message = framed.decoder().decoder.is_mid_message() || !framed.read_buffer().is_empty();
+        // Idle guests may wait as long as they like; a half-sent message may not.
+        let limit = if mid_message { PARTIAL_TIMEOUT } else { IDLE_FOREVER };
+        let next = tokio::select! {
+            _ = cancel.cancelled() => break,
+            n = tokio::time::timeout(limit, framed.next()) => n,
+        };
+        match next {
+            Err(_) => {
+                warn!(conn = conn_id, "closing: a message stalled half-sent for {}s", PARTIAL_TIMEOUT.as_secs());
+                break;
+            }
+            Ok(None) => {
+                clean_eof = !mid_message;
+                break;
+            }
+            Ok(Some(Err(e))) => {
+                // Framing lost (or the socket failed): nothing more can be trusted.
+                match e {
+                    DecodeError::Io(e) => debug!(conn = conn_id, "read failed: {e}"),
+                    e => warn!(conn = conn_id, "closing: {e}"),
+                }
+                break;
+            }
+            Ok(Some(Ok(Err(e)))) => {
+                let header = framed.decoder().decoder.last_header();
+                conn.malformed(e, header).await;
+            }
+            Ok(Some(Ok(Ok(packet)))) => {
+                if !conn.handle(packet).await {
+                    break;
+                }
+            }
+        }
+    }
+    // On a clean end of stream the sessions finish what the guest sent (it
+    // may have only shut its sending side); otherwise queued frames are
+    // skipped. The writer sends what is answered, then ends.
+    if !clean_eof {
+        conn.abort_sessions();
+    }
+    drop(conn);
+    let _ = writer.await;
+    info!(conn = conn_id, "guest disconnected");
+}
+
+struct Conn {
+    ctx: Arc<Ctx>,
+    conn_id: u64,
+    peer: String,
+    sessions: HashMap<u16, SessionHandle>,
+    out: mpsc::Sender<Outgoing>,
+    epoch: Arc<AtomicU64>,
+}
+
+impl Conn {
+    fn abort_sessions(&mut self) {
+        for (_, s) in self.sessions.drain() {
+            s.abort();
+        }
+    }
+
+    /// Sends an answer that is not part of any session's order.
+    async fn reply(&self, packet: Packet) -> bool {
+        self.out.send(Outgoing { epoch: self.epoch.load(Ordering::Relaxed), packet }).await.is_ok()
+    }
+
+    /// The session's queue, creating the session on first use. `None` when
+    /// the connection already has as many sessions as it may.
+    fn session(&mut self, id: u16) -> Option<&SessionHandle> {
+        if !self.sessions.contains_key(&id) {
+            if self.sessions.len() >= self.ctx.config.limits.max_sessions {
+                return None;
+            }
+            let epoch = self.epoch.load(Ordering::Relaxed);
+            match session::spawn(self.ctx.clone(), self.conn_id, id, epoch, self.out.clone(), &self.peer) {
+                Ok(h) => {
+                    debug!(conn = self.conn_id, session = id, "new session");
+                    self.sessions.insert(id, h);
+                }
+                Err(e) => {
+                    warn!(conn = self.conn_id, session = id, "cannot start a session thread: {e}");
+                    return None;
+                }
+            }
+        }
+        self.sessions.get(&id)
+    }
+
+    /// Queues a job in its session, or answers ERROR right away when the
+    /// session cannot exist (`answer` says whether the request expects one).
+    async fn dispatch(&mut self, id: u16, job: Job, answer: bool) -> bool {
+        let limit = self.ctx.config.limits.max_sessions;
+        match self.session(id) {
+            Some(s) => {
+                let tx = s.jobs.clone();
+                // Waits while the session has max_in_flight frames queued: backpressure.
+                tx.send(job).await.is_ok()
+            }
+            None if answer => {
+                warn!(conn = self.conn_id, session = id, "refused: more than {limit} sessions on one connection");
+                self.reply(Packet::error(
+                    id,
+                    ErrorCode::InvalidMessage as i32,
+                    format!("too many sessions on this connection (limit {limit})"),
+                ))
+                .await
+            }
+            None => true,
+        }
+    }
+
+    /// Handles one request. Returns false when the connection should end.
+    async fn handle(&mut self, p: Packet) -> bool {
+        let sid = p.session_id;
+        match p.message {
+            Message::FrameRequest(r) if r.pixels.is_some() => self.dispatch(sid, Job::Inline(r), true).await,
+            Message::FrameRequest(r) if r.resource_id != 0 => self.dispatch(sid, Job::Resource(r), true).await,
+            Message::FrameRequest(_) => {
+                let e = "frame request with neither pixels (PIXEL_DATA flag) nor a resource id";
+                self.dispatch(sid, Job::Reply(Packet::error(sid, ErrorCode::InvalidMessage as i32, e)), true).await
+            }
+            Message::ShmFrameRequest(r) => self.dispatch(sid, Job::Shm(r), true).await,
+            Message::KeyframeReq => self.dispatch(sid, Job::Keyframe, false).await,
+            Message::ConfigReq(c) => self.dispatch(sid, Job::Config(c), true).await,
+            Message::Ping => self.reply(Packet::new(sid, Message::Pong)).await,
+            Message::Hello(h) => {
+                // A (re)started guest: forget every session and every answer
+                // not yet written, then confirm with its nonce.
+                if !self.sessions.is_empty() {
+                    info!(conn = self.conn_id, "HELLO: resetting {} session(s)", self.sessions.len());
+                }
+                self.abort_sessions();
+                self.epoch.fetch_add(1, Ordering::Relaxed);
+                let shm_size = self.ctx.shm.as_ref().map_or(0, |s| s.len());
+                let mut feats = 0;
+                if shm_size > 0 {
+                    feats |= features::SHM;
+                }
+                if self.ctx.config.resolver.is_some() {
+                    feats |= features::RESOURCE;
+                }
+                let resp = HelloResp {
+                    nonce: h.nonce,
+                    version: PROTOCOL_VERSION,
+                    features: feats,
+                    shm_size,
+                    max_in_flight: self.ctx.config.limits.max_in_flight as u32,
+                };
+                self.reply(Packet::new(sid, Message::HelloResp(resp))).await
+            }
+            // Helix's display-scanout and subscription features belong to its
+            // patched QEMU; we have no scanouts. They asked, so they get a "no".
+            Message::EnableScanout { scanout_id, .. } => {
+                let connector = "hxfr host has no scanouts".to_string();
+                self.reply(Packet::new(sid, Message::ScanoutResp { scanout_id, success: false, connector })).await
+            }
+            Message::Subscribe { scanout_id } => {
+                self.reply(Packet::new(sid, Message::SubscribeResp { scanout_id, success: false })).await
+            }
+            Message::DisableScanout { .. } | Message::Pong => true,
+            other => {
+                // Unknown types are legal (skipped by size); host-bound answers
+                // from a guest are not, but neither is worth an unasked reply.
+                debug!(conn = self.conn_id, "ignoring {} (type {:#04x})", other.name(), other.msg_type());
+                true
+            }
+        }
+    }
+
+    /// A message whose framing was intact but whose body was not.
+    async fn malformed(&mut self, e: DecodeError, header: Option<hxfr_proto::Header>) {
+        if let DecodeError::Resynced(n) = e {
+            warn!(conn = self.conn_id, "stream resynchronised: skipped {n} bytes of garbage");
+            return;
+        }
+        warn!(conn = self.conn_id, "malformed message: {e}");
+        let Some(h) = header else { return };
+        // Requests that expect an answer get an ERROR, in their session's order.
+        if matches!(h.msg_type, msg_type::FRAME_REQUEST | msg_type::SHM_FRAME_REQUEST | msg_type::CONFIG_REQ) {
+            let p = Packet::error(h.session_id, ErrorCode::InvalidMessage as i32, format!("malformed request: {e}"));
+            self.dispatch(h.session_id, Job::Reply(p), true).await;
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite>(
+    wr: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    epoch: Arc<AtomicU64>,
+    cancel: CancellationToken,
+    conn_id: u64,
+) {
+    let mut wr = std::pin::pin!(wr);
+    let mut head = BytesMut::with_capacity(512);
+    while let Some(o) = rx.recv().await {
+        if o.epoch != epoch.load(Ordering::Relaxed) {
+            continue; // an answer for a conversation a HELLO has ended
+        }
+        head.clear();
+        o.packet.encode_head(&mut head);
+        let tail = o.packet.tail().map_or(&[][..], |t| &t[..]);
+        // Header and access unit in one vectored write, no staging copy.
+        let mut buf = (&head[..]).chain(tail);
+        match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all_buf(&mut buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(conn = conn_id, "write failed: {e}");
+                break;
+            }
+            Err(_) => {
+                warn!(conn = conn_id, "closing: the guest has not read its answers for {}s", WRITE_TIMEOUT.as_secs());
+                break;
+            }
+        }
+    }
+    cancel.cancel();
+    let _ = wr.shutdown().await;
+}

@@ -1,0 +1,353 @@
+//! The hxfr host encode server.
+//!
+//! Guests hand it raw frames (inline on the socket, in a shared-memory
+//! region, or by virtio-gpu resource id); it encodes each with the best H.264
+//! encoder the host has and answers every frame, in order, per session. It
+//! serves Helix's C `vsockenc` element unchanged as well as ours.
+//!
+//! One tokio task reads each connection, one thread per session encodes, one
+//! task writes answers; every queue between them is bounded.
+
+mod addr;
+mod conn;
+mod resolver;
+mod session;
+mod shm;
+mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use hxfr_encode::EncoderKind;
+use thiserror::Error;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+pub use addr::{DEFAULT_TCP_PORT, DEFAULT_VSOCK_PORT, ListenAddr, parse_tcp};
+pub use conn::StreamKind;
+pub use resolver::{ResolveError, Resolved, ResourceResolver};
+pub use shm::ShmRegion;
+pub use stats::{Snapshot, StatsRegistry};
+
+/// Bounds on what guests may make the host hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; more wait in the accept queue.
+    pub max_connections: usize,
+    /// Sessions (streams) on one connection.
+    pub max_sessions: usize,
+    /// Largest message payload accepted (an inline 4K BGRx frame is 33 MB).
+    pub max_payload: u32,
+    /// Requests queued per session before the host stops reading the socket.
+    pub max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 64, max_sessions: 16, max_payload: hxfr_proto::DEFAULT_MAX_PAYLOAD, max_in_flight: 4 }
+    }
+}
+
+#[derive(Clone)]
+pub struct HostConfig {
+    pub encoder: EncoderKind,
+    /// x264 preset (x264 and gst:x264enc backends).
+    pub x264_preset: String,
+    /// Encoder threads per session, 0 = the encoder decides.
+    pub encoder_threads: u32,
+    pub limits: Limits,
+    /// File shared with the guest for SHM_FRAME_REQUEST.
+    pub shm_path: Option<PathBuf>,
+    pub resolver: Option<Arc<dyn ResourceResolver>>,
+    /// Print per-session stats this often (and always on exit).
+    pub stats_interval: Option<Duration>,
+    /// Permit TCP listeners on non-loopback addresses.
+    pub allow_remote: bool,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            encoder: EncoderKind::Auto,
+            x264_preset: "ultrafast".into(),
+            encoder_threads: 0,
+            limits: Limits::default(),
+            shm_path: None,
+            resolver: None,
+            stats_interval: None,
+            allow_remote: false,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum HostError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error(
+        "refusing to listen on {0}: it is reachable from other machines and frames are screen contents; pass --allow-remote if you mean it"
+    )]
+    RemoteNotAllowed(String),
+    #[error("cannot map shared memory {path}: {source}")]
+    Shm { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// State shared by every connection.
+pub(crate) struct Ctx {
+    pub config: HostConfig,
+    /// `config.encoder` with `auto` resolved once at start.
+    pub encoder_kind: EncoderKind,
+    pub shm: Option<Arc<ShmRegion>>,
+    pub stats: StatsRegistry,
+    pub next_conn_id: AtomicU64,
+    pub conn_slots: Arc<Semaphore>,
+}
+
+/// A bound listener, ready to serve.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+    Vsock(tokio_vsock::VsockListener, u32),
+}
+
+impl Listener {
+    /// What to tell a guest to connect to (the real port when 0 was asked).
+    pub fn local_addr(&self) -> ListenAddr {
+        match self {
+            Listener::Tcp(l) => ListenAddr::Tcp(l.local_addr().expect("bound socket has an address")),
+            Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+            Listener::Vsock(_, port) => ListenAddr::Vsock(*port),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Host {
+    ctx: Arc<Ctx>,
+}
+
+impl Host {
+    /// Resolves the encoder (`auto` probes hardware once) and maps shared memory.
+    pub fn new(config: HostConfig) -> Result<Host, HostError> {
+        let encoder_kind = hxfr_encode::resolve(&config.encoder);
+        let shm = match &config.shm_path {
+            Some(p) => {
+                let r = ShmRegion::open(p).map_err(|source| HostError::Shm { path: p.clone(), source })?;
+                info!("shared memory: {} ({} bytes)", p.display(), r.len());
+                Some(Arc::new(r))
+            }
+            None => None,
+        };
+        let conn_slots = Arc::new(Semaphore::new(config.limits.max_connections.max(1)));
+        Ok(Host {
+            ctx: Arc::new(Ctx {
+                config,
+                encoder_kind,
+                shm,
+                stats: StatsRegistry::default(),
+                next_conn_id: AtomicU64::new(1),
+                conn_slots,
+            }),
+        })
+    }
+
+    /// The encoder sessions will use (`auto` already resolved).
+    pub fn encoder(&self) -> &EncoderKind {
+        &self.ctx.encoder_kind
+    }
+
+    pub fn stats(&self) -> StatsRegistry {
+        self.ctx.stats.clone()
+    }
+
+    /// Binds a listener (needs a tokio runtime).
+    pub async fn bind(&self, addr: &ListenAddr) -> Result<Listener, HostError> {
+        let err = |source| HostError::Listen { addr: addr.to_string(), source };
+        match addr {
+            ListenAddr::Tcp(a) => {
+                if addr.is_remote() {
+                    if !self.ctx.config.allow_remote {
+                        return Err(HostError::RemoteNotAllowed(addr.to_string()));
+                    }
+                    warn!("listening on {addr}: anyone who can reach it can send frames and read the video back");
+                }
+                Ok(Listener::Tcp(TcpListener::bind(a).await.map_err(err)?))
+            }
+            ListenAddr::Unix(p) => {
+                // A stale socket file from an earlier run would make bind fail.
+                if std::fs::metadata(p).map(|m| is_socket(&m)).unwrap_or(false) {
+                    let _ = std::fs::remove_file(p);
+                }
+                Ok(Listener::Unix(UnixListener::bind(p).map_err(err)?, p.clone()))
+            }
+            ListenAddr::Vsock(port) => {
+                let a = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
+                Ok(Listener::Vsock(tokio_vsock::VsockListener::bind(a).map_err(err)?, *port))
+            }
+        }
+    }
+
+    /// Serves until `shutdown` completes: every listener, and a reconnecting
+    /// client for every `connect` path (a QEMU chardev socket in server mode,
+    /// behind a virtio-serial port).
+    pub async fn serve(self, listeners: Vec<Listener>, connect: Vec<PathBuf>, shutdown: impl Future<Output = ()>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in listeners {
+            info!("listening on {}", l.local_addr());
+            tasks.spawn(accept_loop(self.ctx.clone(), l));
+        }
+        for p in connect {
+            tasks.spawn(connect_loop(self.ctx.clone(), p));
+        }
+        if let Some(every) = self.ctx.config.stats_interval {
+            let stats = self.ctx.stats.clone();
+            tasks.spawn(async move {
+                let mut t = tokio::time::interval(every);
+                t.tick().await;
+                loop {
+                    t.tick().await;
+                    for line in stats.report() {
+                        info!("stats: {line}");
+                    }
+                }
+            });
+        }
+        shutdown.await;
+        tasks.shutdown().await;
+    }
+}
+
+#[cfg(unix)]
+fn is_socket(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    m.file_type().is_socket()
+}
+
+async fn accept_loop(ctx: Arc<Ctx>, listener: Listener) {
+    loop {
+        // Take a connection slot before accepting: at the limit, guests wait
+        // in the kernel's backlog instead of holding host memory.
+        let Ok(permit) = ctx.conn_slots.clone().acquire_owned().await else { return };
+        let accepted = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(conn::serve(ctx.clone(), s, format!("tcp:{a}"), StreamKind::Socket))
+            }),
+            Listener::Unix(l, p) => l.accept().await.map(|(s, _)| {
+                tokio::spawn(conn::serve(ctx.clone(), s, format!("unix:{}", p.display()), StreamKind::Socket))
+            }),
+            Listener::Vsock(l, _) => l.accept().await.map(|(s, a)| {
+                tokio::spawn(conn::serve(ctx.clone(), s, format!("vsock:{}:{}", a.cid(), a.port()), StreamKind::Socket))
+            }),
+        };
+        match accepted {
+            Ok(task) => {
+                tokio::spawn(async move {
+                    let _ = task.await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                warn!("accept on {} failed: {e}", listener.local_addr());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Keeps a connection to a QEMU chardev socket: QEMU listens, we connect, and
+/// connect again whenever the VM restarts or the socket goes away.
+async fn connect_loop(ctx: Arc<Ctx>, path: PathBuf) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(s) => {
+                backoff = Duration::from_millis(100);
+                let peer = format!("serial:{}", path.display());
+                conn::serve(ctx.clone(), s, peer, StreamKind::Serial).await;
+            }
+            Err(e) => {
+                if backoff >= Duration::from_secs(5) {
+                    tracing::debug!("waiting for {}: {e}", path.display());
+                } else {
+                    info!("waiting for {}: {e}", path.display());
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A host running on its own thread: for tests, benchmarks and the demo.
+pub struct HostHandle {
+    /// The bound addresses, in the order given (real ports when 0 was asked).
+    pub addrs: Vec<ListenAddr>,
+    pub encoder: EncoderKind,
+    stats: StatsRegistry,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HostHandle {
+    pub fn stats(&self) -> Vec<Snapshot> {
+        self.stats.snapshots()
+    }
+
+    /// Stops the host and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for HostHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts a host on a thread of its own with its own runtime, listening on
+/// `listen` (and connecting to each of `connect`).
+pub fn spawn(config: HostConfig, listen: Vec<ListenAddr>, connect: Vec<PathBuf>) -> Result<HostHandle, HostError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hxfr-host")
+        .enable_all()
+        .build()
+        .map_err(HostError::Runtime)?;
+    let host = Host::new(config)?;
+    let listeners = rt.block_on(async {
+        let mut v = Vec::new();
+        for a in &listen {
+            v.push(host.bind(a).await?);
+        }
+        Ok::<_, HostError>(v)
+    })?;
+    let addrs = listeners.iter().map(Listener::local_addr).collect();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stats, encoder) = (host.stats(), host.encoder().clone());
+    let thread = std::thread::Builder::new()
+        .name("hxfr-host-main".into())
+        .spawn(move || {
+            rt.block_on(host.serve(listeners, connect, async {
+                let _ = rx.await;
+            }));
+            rt.shutdown_timeout(Duration::from_secs(2));
+        })
+        .map_err(HostError::Runtime)?;
+    Ok(HostHandle { addrs, encoder, stats, stop: Some(tx), thread: Some(thread) })
+}

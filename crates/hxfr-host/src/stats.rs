@@ -1,0 +1,183 @@
+//! Per-session counters and encode-time percentiles.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Encode times kept for percentiles: the most recent ones.
+const SAMPLES: usize = 4096;
+/// Ended sessions kept for the summary on exit.
+const KEEP_ENDED: usize = 256;
+
+#[derive(Debug)]
+pub struct SessionStats {
+    pub conn_id: u64,
+    pub session_id: u16,
+    pub peer: String,
+    pub encoder: String,
+    pub width: u32,
+    pub height: u32,
+    pub frames: u64,
+    pub keyframes: u64,
+    /// Requests answered with ERROR.
+    pub dropped: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub started: Instant,
+    pub ended: Option<Instant>,
+    encode_ms: VecDeque<f32>,
+    /// (when, frames) at the last report, for the interval fps.
+    last_report: (Instant, u64),
+}
+
+impl SessionStats {
+    fn new(conn_id: u64, session_id: u16, peer: String) -> SessionStats {
+        let now = Instant::now();
+        SessionStats {
+            conn_id,
+            session_id,
+            peer,
+            encoder: String::new(),
+            width: 0,
+            height: 0,
+            frames: 0,
+            keyframes: 0,
+            dropped: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            started: now,
+            ended: None,
+            encode_ms: VecDeque::with_capacity(SAMPLES),
+            last_report: (now, 0),
+        }
+    }
+
+    pub fn record_encode(&mut self, took: Duration, bytes_in: usize, bytes_out: usize, keyframe: bool) {
+        self.frames += 1;
+        self.keyframes += keyframe as u64;
+        self.bytes_in += bytes_in as u64;
+        self.bytes_out += bytes_out as u64;
+        if self.encode_ms.len() == SAMPLES {
+            self.encode_ms.pop_front();
+        }
+        self.encode_ms.push_back(took.as_secs_f32() * 1000.0);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut v: Vec<f32> = self.encode_ms.iter().copied().collect();
+        v.sort_by(f32::total_cmp);
+        let pct = |p: f64| if v.is_empty() { 0.0 } else { v[((v.len() - 1) as f64 * p).round() as usize] };
+        let end = self.ended.unwrap_or_else(Instant::now);
+        let secs = end.duration_since(self.started).as_secs_f64().max(1e-3);
+        Snapshot {
+            conn_id: self.conn_id,
+            session_id: self.session_id,
+            peer: self.peer.clone(),
+            encoder: self.encoder.clone(),
+            width: self.width,
+            height: self.height,
+            frames: self.frames,
+            keyframes: self.keyframes,
+            dropped: self.dropped,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            fps: self.frames as f64 / secs,
+            encode_p50_ms: pct(0.5),
+            encode_p99_ms: pct(0.99),
+            active: self.ended.is_none(),
+        }
+    }
+}
+
+/// A point-in-time copy of one session's figures.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub conn_id: u64,
+    pub session_id: u16,
+    pub peer: String,
+    pub encoder: String,
+    pub width: u32,
+    pub height: u32,
+    pub frames: u64,
+    pub keyframes: u64,
+    pub dropped: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Average over the session's life.
+    pub fps: f64,
+    pub encode_p50_ms: f32,
+    pub encode_p99_ms: f32,
+    pub active: bool,
+}
+
+impl fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "conn {} session {} ({}) {} {}x{}: {} frames ({} key, {} dropped), {:.1} fps, encode p50 {:.2} ms p99 {:.2} ms, in {:.1} MB, out {:.2} MB{}",
+            self.conn_id,
+            self.session_id,
+            self.peer,
+            if self.encoder.is_empty() { "-" } else { &self.encoder },
+            self.width,
+            self.height,
+            self.frames,
+            self.keyframes,
+            self.dropped,
+            self.fps,
+            self.encode_p50_ms,
+            self.encode_p99_ms,
+            self.bytes_in as f64 / 1e6,
+            self.bytes_out as f64 / 1e6,
+            if self.active { "" } else { " (ended)" }
+        )
+    }
+}
+
+/// Every session the host has served (active, and the most recent ended ones).
+#[derive(Clone, Default)]
+pub struct StatsRegistry {
+    inner: Arc<Mutex<Vec<Arc<Mutex<SessionStats>>>>>,
+}
+
+impl StatsRegistry {
+    pub fn register(&self, conn_id: u64, session_id: u16, peer: String) -> Arc<Mutex<SessionStats>> {
+        let s = Arc::new(Mutex::new(SessionStats::new(conn_id, session_id, peer)));
+        let mut all = self.inner.lock().unwrap();
+        // Bound the history: drop the oldest ended sessions beyond KEEP_ENDED.
+        let ended = all.iter().filter(|s| s.lock().unwrap().ended.is_some()).count();
+        if ended >= KEEP_ENDED
+            && let Some(pos) = all.iter().position(|s| s.lock().unwrap().ended.is_some())
+        {
+            all.remove(pos);
+        }
+        all.push(s.clone());
+        s
+    }
+
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.inner.lock().unwrap().iter().map(|s| s.lock().unwrap().snapshot()).collect()
+    }
+
+    /// Lines for the periodic report: active sessions with their fps over the
+    /// last interval.
+    pub fn report(&self) -> Vec<String> {
+        let now = Instant::now();
+        let all = self.inner.lock().unwrap();
+        let mut lines = Vec::new();
+        for s in all.iter() {
+            let mut s = s.lock().unwrap();
+            if s.ended.is_some() {
+                continue;
+            }
+            let (t, n) = s.last_report;
+            let fps = (s.frames - n) as f64 / now.duration_since(t).as_secs_f64().max(1e-3);
+            s.last_report = (now, s.frames);
+            let mut snap = s.snapshot();
+            snap.fps = fps;
+            lines.push(snap.to_string());
+        }
+        lines
+    }
+}
