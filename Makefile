@@ -17,8 +17,10 @@ lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# cargo-nextest prints one summary line for the whole workspace.
 test: lint
-	$(CARGO) test --workspace --locked
+	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+	$(CARGO) nextest run --workspace --locked --no-fail-fast
 
 # Fuzz the decoder (needs a nightly toolchain and cargo-fuzz): FUZZ_SECONDS=300 make fuzz
 FUZZ_SECONDS ?= 60
