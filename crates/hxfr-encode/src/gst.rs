@@ -210,10 +210,7 @@ impl Encoder for GstEncoder {
     }
 
     fn encode(&mut self, frame: &Frame<'_>) -> Result<EncodedFrame, EncodeError> {
-        let (w, h) = (self.config.width, self.config.height);
-        if (frame.width, frame.height) != (w, h) {
-            return Err(EncodeError::SizeMismatch { got_w: frame.width, got_h: frame.height, want_w: w, want_h: h });
-        }
+        self.config.check_size(frame)?;
         let mut buffer = self.buffer_for(frame)?;
         let dur = gst::ClockTime::SECOND.mul_div_floor(self.config.fps_den as u64, self.config.fps_num.max(1) as u64);
         {

@@ -59,6 +59,21 @@ impl EncoderConfig {
     }
 }
 
+impl EncoderConfig {
+    /// The frame must have the size this encoder was opened for.
+    pub fn check_size(&self, frame: &Frame<'_>) -> Result<(), EncodeError> {
+        if (frame.width, frame.height) != (self.width, self.height) {
+            return Err(EncodeError::SizeMismatch {
+                got_w: frame.width,
+                got_h: frame.height,
+                want_w: self.width,
+                want_h: self.height,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// One encoded access unit, Annex B with 4-byte start codes.
 #[derive(Debug, Clone)]
 pub struct EncodedFrame {

@@ -101,10 +101,8 @@ impl Encoder for X264Encoder {
     }
 
     fn encode(&mut self, frame: &Frame<'_>) -> Result<EncodedFrame, EncodeError> {
-        let (w, h) = (self.config.width, self.config.height);
-        if (frame.width, frame.height) != (w, h) {
-            return Err(EncodeError::SizeMismatch { got_w: frame.width, got_h: frame.height, want_w: w, want_h: h });
-        }
+        self.config.check_size(frame)?;
+        let w = self.config.width;
         let mut pic = MaybeUninit::<sys::x264_picture_t>::uninit();
         // SAFETY: x264_picture_init initialises every field.
         let mut pic = unsafe {

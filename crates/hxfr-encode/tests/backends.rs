@@ -2,7 +2,7 @@
 
 use hxfr_encode::{EncoderConfig, EncoderKind, Frame, PixelFormat, open};
 use hxfr_proto::Layout;
-use hxfr_testkit::{Content, Output, decode_h264, nal_types, pattern_bgrx, pattern_nv12, psnr_bgrx, psnr_nv12};
+use hxfr_testkit::{Content, Output, decode_h264, nal_types, pattern_bgrx, pattern_nv12, psnr, psnr_bgrx};
 
 const FRAMES: u32 = 20;
 
@@ -38,10 +38,7 @@ fn run(kind: &str, format: PixelFormat, w: u32, h: u32, stride: usize) {
     assert_eq!(pics.len(), FRAMES as usize, "{kind}: frames out = frames in");
     for (i, (src, pic)) in inputs.iter().zip(&pics).enumerate() {
         assert_eq!((pic.width, pic.height), (w, h));
-        let p = match format {
-            PixelFormat::Nv12 => psnr_nv12(src, stride, &pic.data, w, h),
-            _ => psnr_bgrx(src, stride, &pic.data, w, h),
-        };
+        let p = psnr(out, src, stride, pic);
         assert!(p >= 30.0, "{kind} {format:?} {w}x{h}: frame {i} PSNR {p:.1} dB < 30");
     }
 }

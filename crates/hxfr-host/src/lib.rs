@@ -30,7 +30,7 @@ pub use addr::{DEFAULT_TCP_PORT, DEFAULT_VSOCK_PORT, ListenAddr, parse_tcp};
 pub use conn::StreamKind;
 pub use resolver::{ResolveError, Resolved, ResourceResolver};
 pub use shm::ShmRegion;
-pub use stats::{Snapshot, StatsRegistry};
+pub use stats::{SessionInfo, Snapshot, StatsRegistry};
 
 /// Bounds on what guests may make the host hold.
 #[derive(Debug, Clone)]

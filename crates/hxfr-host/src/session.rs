@@ -117,7 +117,7 @@ impl Worker {
                 Job::Config(c) => Some(self.configure(c)),
                 Job::Reply(p) => {
                     if matches!(p.message, Message::Error { .. }) {
-                        self.stats.lock().unwrap().dropped += 1;
+                        self.stats.lock().unwrap().info.dropped += 1;
                     }
                     Some(p)
                 }
@@ -134,7 +134,7 @@ impl Worker {
 
     fn error(&mut self, code: ErrorCode, msg: String) -> Packet {
         self.errors_in_row += 1;
-        self.stats.lock().unwrap().dropped += 1;
+        self.stats.lock().unwrap().info.dropped += 1;
         if self.errors_in_row == 1 || self.errors_in_row.is_power_of_two() {
             warn!(session = self.session_id, code = code as i32, "{msg} ({} in a row)", self.errors_in_row);
         }
@@ -289,7 +289,7 @@ impl Worker {
         };
         let enc = hxfr_encode::open(&self.ctx.encoder_kind, &cfg)?;
         {
-            let mut s = self.stats.lock().unwrap();
+            let s = &mut self.stats.lock().unwrap().info;
             s.encoder = enc.name().to_string();
             s.width = frame.width;
             s.height = frame.height;

@@ -10,8 +10,9 @@ const SAMPLES: usize = 4096;
 /// Ended sessions kept for the summary on exit.
 const KEEP_ENDED: usize = 256;
 
-#[derive(Debug)]
-pub struct SessionStats {
+/// Who a session is and what it has done: the counters behind the stats lines.
+#[derive(Debug, Clone, Default)]
+pub struct SessionInfo {
     pub conn_id: u64,
     pub session_id: u16,
     pub peer: String,
@@ -24,6 +25,11 @@ pub struct SessionStats {
     pub dropped: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+}
+
+#[derive(Debug)]
+pub struct SessionStats {
+    pub info: SessionInfo,
     pub started: Instant,
     pub ended: Option<Instant>,
     encode_ms: VecDeque<f32>,
@@ -35,17 +41,7 @@ impl SessionStats {
     fn new(conn_id: u64, session_id: u16, peer: String) -> SessionStats {
         let now = Instant::now();
         SessionStats {
-            conn_id,
-            session_id,
-            peer,
-            encoder: String::new(),
-            width: 0,
-            height: 0,
-            frames: 0,
-            keyframes: 0,
-            dropped: 0,
-            bytes_in: 0,
-            bytes_out: 0,
+            info: SessionInfo { conn_id, session_id, peer, ..Default::default() },
             started: now,
             ended: None,
             encode_ms: VecDeque::with_capacity(SAMPLES),
@@ -54,10 +50,11 @@ impl SessionStats {
     }
 
     pub fn record_encode(&mut self, took: Duration, bytes_in: usize, bytes_out: usize, keyframe: bool) {
-        self.frames += 1;
-        self.keyframes += keyframe as u64;
-        self.bytes_in += bytes_in as u64;
-        self.bytes_out += bytes_out as u64;
+        let i = &mut self.info;
+        i.frames += 1;
+        i.keyframes += keyframe as u64;
+        i.bytes_in += bytes_in as u64;
+        i.bytes_out += bytes_out as u64;
         if self.encode_ms.len() == SAMPLES {
             self.encode_ms.pop_front();
         }
@@ -71,18 +68,8 @@ impl SessionStats {
         let end = self.ended.unwrap_or_else(Instant::now);
         let secs = end.duration_since(self.started).as_secs_f64().max(1e-3);
         Snapshot {
-            conn_id: self.conn_id,
-            session_id: self.session_id,
-            peer: self.peer.clone(),
-            encoder: self.encoder.clone(),
-            width: self.width,
-            height: self.height,
-            frames: self.frames,
-            keyframes: self.keyframes,
-            dropped: self.dropped,
-            bytes_in: self.bytes_in,
-            bytes_out: self.bytes_out,
-            fps: self.frames as f64 / secs,
+            info: self.info.clone(),
+            fps: self.info.frames as f64 / secs,
             encode_p50_ms: pct(0.5),
             encode_p99_ms: pct(0.99),
             active: self.ended.is_none(),
@@ -93,18 +80,8 @@ impl SessionStats {
 /// A point-in-time copy of one session's figures.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    pub conn_id: u64,
-    pub session_id: u16,
-    pub peer: String,
-    pub encoder: String,
-    pub width: u32,
-    pub height: u32,
-    pub frames: u64,
-    pub keyframes: u64,
-    pub dropped: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    /// Average over the session's life.
+    pub info: SessionInfo,
+    /// Average over the session's life (over the interval in periodic reports).
     pub fps: f64,
     pub encode_p50_ms: f32,
     pub encode_p99_ms: f32,
@@ -113,23 +90,24 @@ pub struct Snapshot {
 
 impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.info;
         write!(
             f,
             "conn {} session {} ({}) {} {}x{}: {} frames ({} key, {} dropped), {:.1} fps, encode p50 {:.2} ms p99 {:.2} ms, in {:.1} MB, out {:.2} MB{}",
-            self.conn_id,
-            self.session_id,
-            self.peer,
-            if self.encoder.is_empty() { "-" } else { &self.encoder },
-            self.width,
-            self.height,
-            self.frames,
-            self.keyframes,
-            self.dropped,
+            i.conn_id,
+            i.session_id,
+            i.peer,
+            if i.encoder.is_empty() { "-" } else { &i.encoder },
+            i.width,
+            i.height,
+            i.frames,
+            i.keyframes,
+            i.dropped,
             self.fps,
             self.encode_p50_ms,
             self.encode_p99_ms,
-            self.bytes_in as f64 / 1e6,
-            self.bytes_out as f64 / 1e6,
+            i.bytes_in as f64 / 1e6,
+            i.bytes_out as f64 / 1e6,
             if self.active { "" } else { " (ended)" }
         )
     }
@@ -172,8 +150,8 @@ impl StatsRegistry {
                 continue;
             }
             let (t, n) = s.last_report;
-            let fps = (s.frames - n) as f64 / now.duration_since(t).as_secs_f64().max(1e-3);
-            s.last_report = (now, s.frames);
+            let fps = (s.info.frames - n) as f64 / now.duration_since(t).as_secs_f64().max(1e-3);
+            s.last_report = (now, s.info.frames);
             let mut snap = s.snapshot();
             snap.fps = fps;
             lines.push(snap.to_string());

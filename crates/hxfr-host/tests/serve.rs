@@ -13,7 +13,7 @@ use hxfr_proto::{
     ConfigReq, ErrorCode, Fourcc, FrameRequest, FrameResponse, Header, Message, Packet, PixelFormat, ShmFrameRequest,
     ShmPlane, msg_type,
 };
-use hxfr_testkit::{Content, Output, decode_h264, nal_types, pattern_bgrx, pattern_nv12, psnr_bgrx, psnr_nv12};
+use hxfr_testkit::{Content, Output, decode_h264, nal_types, pattern_bgrx, pattern_nv12, psnr, psnr_bgrx, psnr_nv12};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -137,13 +137,11 @@ fn stream_and_check(host: &Host, addr: &HostAddr, format: PixelFormat, w: u32, h
         aus.push(r.to_annex_b());
     }
     sender.join().unwrap();
-    let pics = decode_h264(&aus, if format == PixelFormat::Nv12 { Output::Nv12 } else { Output::Bgrx }).unwrap();
+    let out = if format == PixelFormat::Nv12 { Output::Nv12 } else { Output::Bgrx };
+    let pics = decode_h264(&aus, out).unwrap();
     assert_eq!(pics.len(), n as usize, "frames out = frames in");
     for (i, (src, pic)) in frames.iter().zip(&pics).enumerate() {
-        let p = match format {
-            PixelFormat::Nv12 => psnr_nv12(src, stride, &pic.data, w, h),
-            _ => psnr_bgrx(src, stride, &pic.data, w, h),
-        };
+        let p = psnr(out, src, stride, pic);
         assert!(p >= 30.0, "{format:?} {w}x{h} via {addr}: frame {i} PSNR {p:.1} dB");
     }
 }
@@ -159,8 +157,8 @@ fn bgrx_and_nv12_over_unix_and_tcp() {
         }
     }
     let stats = host.handle.stats();
-    assert_eq!(stats.iter().map(|s| s.frames).sum::<u64>(), 20 * 8, "host stats count every frame");
-    assert!(stats.iter().all(|s| s.dropped == 0 && s.encoder == "x264"));
+    assert_eq!(stats.iter().map(|s| s.info.frames).sum::<u64>(), 20 * 8, "host stats count every frame");
+    assert!(stats.iter().all(|s| s.info.dropped == 0 && s.info.encoder == "x264"));
 }
 
 #[test]
@@ -168,7 +166,7 @@ fn gstreamer_backends_take_the_same_path_a_mac_does() {
     for element in ["x264enc", "openh264enc"] {
         let host = Host::start(HostConfig { encoder: EncoderKind::Gst(element.into()), ..Default::default() });
         stream_and_check(&host, &host.unix_addr(), PixelFormat::Bgrx, 640, 360, 16);
-        assert_eq!(host.handle.stats()[0].encoder, format!("gst:{element}"));
+        assert_eq!(host.handle.stats()[0].info.encoder, format!("gst:{element}"));
     }
 }
 
@@ -423,7 +421,7 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
     assert_eq!(c.recv().unwrap(), Packet::new(5, Message::Pong));
     good_frame(&mut c, 3);
     let stats = host.handle.stats();
-    assert_eq!(stats[0].dropped, 8, "every refused request is counted");
+    assert_eq!(stats[0].info.dropped, 8, "every refused request is counted");
 }
 
 #[test]

@@ -211,6 +211,15 @@ pub fn psnr_nv12(a: &[u8], stride: usize, b: &[u8], width: u32, height: u32) -> 
     psnr_from(se, n)
 }
 
+/// PSNR of a decoded picture against its source, in the source's format:
+/// BGRx rows or Helix's NV12 layout, both `stride` bytes apart.
+pub fn psnr(format: Output, src: &[u8], stride: usize, pic: &Picture) -> f64 {
+    match format {
+        Output::Bgrx => psnr_bgrx(src, stride, &pic.data, pic.width, pic.height),
+        Output::Nv12 => psnr_nv12(src, stride, &pic.data, pic.width, pic.height),
+    }
+}
+
 fn psnr_from(se: u64, n: u64) -> f64 {
     if se == 0 {
         return 99.0;

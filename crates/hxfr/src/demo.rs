@@ -37,11 +37,7 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    let (w, h) = a
-        .size
-        .split_once('x')
-        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
-        .context("--size takes WIDTHxHEIGHT, e.g. 1280x720")?;
+    let (w, h) = crate::parse_size(&a.size)?;
     if a.fps == 0 || a.fps > 240 {
         bail!("--fps must be 1..240");
     }

@@ -1,5 +1,6 @@
 //! `hxfr`: one binary, thin over the libraries.
 
+mod bench;
 mod demo;
 
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ enum Command {
     /// Run the whole path on this machine: a host and a guest streaming a
     /// moving test pattern through it, every answer decoded and scored.
     Demo(demo::DemoArgs),
+    /// Measure the offload paths side by side against the encoder in-process.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -82,7 +85,16 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Host(a) => host(a),
         Command::Demo(a) => demo::run(a),
+        Command::Bench(a) => bench::run(a),
     }
+}
+
+/// `WIDTHxHEIGHT`.
+pub(crate) fn parse_size(s: &str) -> Result<(u32, u32)> {
+    s.split_once('x')
+        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+        .filter(|&(w, h)| w > 0 && h > 0)
+        .with_context(|| format!("size {s:?}: expected WIDTHxHEIGHT, e.g. 1280x720"))
 }
 
 fn host(a: HostArgs) -> Result<()> {

@@ -1,0 +1,88 @@
+//! The `hxfr` binary as a person runs it.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hxfr_guest::{Connection, HostAddr};
+use hxfr_proto::{FrameRequest, Message, Packet, PixelFormat};
+
+fn hxfr() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hxfr"))
+}
+
+#[test]
+fn demo_streams_and_reports() {
+    let out = hxfr().args(["demo", "--seconds", "2", "--size", "320x240", "--encoder", "x264"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("60 sent, 60 answered"), "{stdout}");
+    assert!(stdout.contains("decoded: 60 of 60"), "{stdout}");
+}
+
+#[test]
+fn bench_quick_prints_the_table() {
+    let out = hxfr().args(["bench", "--quick", "--size", "320x240"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for path in ["in-process", "inline UNIX", "inline TCP", "shared memory"] {
+        assert!(stdout.lines().any(|l| l.starts_with(&format!("| {path} | 30 |"))), "no row for {path}: {stdout}");
+    }
+}
+
+#[test]
+fn host_serves_then_stops_on_ctrl_c_with_final_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("h.sock");
+    let child = hxfr()
+        .args(["host", "--encoder", "x264", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "host did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = Connection::connect(&HostAddr::Unix(sock.clone()), Duration::from_secs(5)).unwrap();
+    let px = hxfr_testkit::pattern_bgrx(hxfr_testkit::Content::Motion, 320, 240, 1280, 0);
+    let req = FrameRequest {
+        resource_id: 0,
+        width: 320,
+        height: 240,
+        format: PixelFormat::Bgrx.fourcc(),
+        stride: 1280,
+        pts: 5,
+        duration: 33_333_333,
+        force_keyframe: true,
+        pixels: Some(Bytes::from(px)),
+    };
+    c.send(&Packet::new(1, Message::FrameRequest(req))).unwrap();
+    match c.recv().unwrap().message {
+        Message::FrameResponse(r) => assert!(r.pts == 5 && r.is_keyframe),
+        other => panic!("{other:?}"),
+    }
+    // SAFETY: signalling the child we started, by its pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("final: conn 1 session 1") && log.contains("1 frames (1 key, 0 dropped)"), "{log}");
+}
+
+#[test]
+fn bad_flags_say_what_is_wrong() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["host", "--listen", "tcp:0.0.0.0:0"], "--allow-remote"),
+        (&["host", "--encoder", "quantum"], "use auto, x264 or gst:ELEMENT"),
+        (&["host", "--listen", "carrier-pigeon:1"], "expected tcp:HOST:PORT"),
+        (&["demo", "--size", "big"], "expected WIDTHxHEIGHT"),
+    ];
+    for (args, needle) in cases {
+        let out = hxfr().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
