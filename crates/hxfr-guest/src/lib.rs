@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -160,21 +161,41 @@ impl Read for Transport {
     }
 }
 
-impl Write for Transport {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+impl Transport {
+    fn socket_fd(&self) -> Option<RawFd> {
         match self {
-            Transport::Tcp(s) => s.write(buf),
-            Transport::Unix(s) => s.write(buf),
-            Transport::Vsock(s) => s.write(buf),
-            Transport::Serial(f) => f.write(buf),
+            Transport::Tcp(s) => Some(s.as_raw_fd()),
+            Transport::Unix(s) => Some(s.as_raw_fd()),
+            Transport::Vsock(s) => Some(s.as_raw_fd()),
+            Transport::Serial(_) => None,
         }
     }
+}
+
+/// `sendmsg` with MSG_NOSIGNAL: a host that went away must give us EPIPE,
+/// not a SIGPIPE that kills the application we are loaded into (gst-launch
+/// does not ignore SIGPIPE, and `writev` would raise it).
+fn send_nosignal(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: msghdr is plain data; iov points at IoSlices, which are
+    // ABI-compatible with iovec and outlive the call.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len() as _;
+        libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(buf)])
+    }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Transport::Tcp(s) => s.write_vectored(bufs),
-            Transport::Unix(s) => s.write_vectored(bufs),
-            Transport::Vsock(s) => s.write_vectored(bufs),
-            Transport::Serial(f) => f.write_vectored(bufs),
+        match (self.socket_fd(), self) {
+            (Some(fd), _) => send_nosignal(fd, bufs),
+            (None, Transport::Serial(f)) => f.write_vectored(bufs),
+            (None, _) => unreachable!("every socket has an fd"),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -280,6 +301,18 @@ fn nonce() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writing_to_a_closed_peer_is_an_error_not_a_signal() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let mut t = Transport::Unix(a);
+        // Without MSG_NOSIGNAL this would kill the test process with SIGPIPE.
+        let e = t.write_all(&[0u8; 1 << 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+        let e = t.write_vectored(&[io::IoSlice::new(b"x"), io::IoSlice::new(b"y")]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+    }
 
     #[test]
     fn parses_host_addresses() {
