@@ -3,14 +3,17 @@
 //! The same frames and the same encoder settings go through each path:
 //! the encoder called in-process (the ceiling), then through `hxfr host`
 //! inline over a UNIX socket, inline over TCP loopback, and via shared memory.
-//! Socket paths keep up to `--in-flight` frames outstanding, as vsockenc does.
+//! Socket paths keep up to `--in-flight` frames outstanding, as vsockenc does;
+//! the last rows drive the real vsockenc element with 1 and 2 in flight.
 
 use std::io::Write as _;
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use gst::prelude::*;
 use hxfr_encode::{EncoderConfig, EncoderKind, Frame};
 use hxfr_guest::{Connection, HostAddr};
 use hxfr_host::{HostConfig, ListenAddr};
@@ -47,6 +50,8 @@ struct Row {
     path: &'static str,
     frames: u32,
     secs: f64,
+    /// Frame handed over → access unit back, median (None in-process).
+    rtt_p50_ms: Option<f64>,
 }
 
 impl Row {
@@ -131,21 +136,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut region = unsafe { memmap2::MmapMut::map_mut(&shm_file)? };
     rows.push(over_socket(
         "shared memory",
-        &HostAddr::Unix(unix),
+        &HostAddr::Unix(unix.clone()),
         &input,
         frames,
         a.in_flight,
         Some((&mut region, area)),
     )?);
+    progress("vsockenc");
+    rows.push(element("vsockenc, 1 in flight", &unix, &input, frames, 1)?);
+    rows.push(element("vsockenc, 2 in flight", &unix, &input, frames, 2)?);
     eprintln!();
     host.stop();
 
     let base = rows[0].fps();
     println!();
-    println!("| path | frames | fps | vs in-process |");
-    println!("|---|---:|---:|---:|");
+    println!("| path | frames | fps | vs in-process | round trip p50 |");
+    println!("|---|---:|---:|---:|---:|");
     for r in &rows {
-        println!("| {} | {} | {:.1} | {:.2}× |", r.path, r.frames, r.fps(), r.fps() / base);
+        let rtt = r.rtt_p50_ms.map_or("-".to_string(), |v| format!("{v:.2} ms"));
+        println!("| {} | {} | {:.1} | {:.2}× | {rtt} |", r.path, r.frames, r.fps(), r.fps() / base);
     }
     Ok(())
 }
@@ -165,7 +174,7 @@ fn in_process(kind: &EncoderKind, input: &Input, frames: u32) -> Result<Row> {
         let f = Frame::new(&input.frames[i as usize % input.frames.len()], &layout, i == 0)?;
         enc.encode(&f)?;
     }
-    Ok(Row { path: "in-process", frames, secs: start.elapsed().as_secs_f64() })
+    Ok(Row { path: "in-process", frames, secs: start.elapsed().as_secs_f64(), rtt_p50_ms: None })
 }
 
 /// Streams `frames` through the host with at most `in_flight` outstanding.
@@ -186,15 +195,18 @@ fn over_socket(
     for _ in 0..in_flight {
         tok_tx.send(()).expect("room for every token");
     }
-    let answers = std::thread::spawn(move || -> Result<u32> {
+    let (sent_tx, sent_rx) = mpsc::channel::<Instant>();
+    let answers = std::thread::spawn(move || -> Result<Vec<f64>> {
+        let mut rtt = Vec::with_capacity(frames as usize);
         for n in 0..frames {
             match rx.recv().context("reading an answer")?.message {
                 Message::FrameResponse(_) => {}
                 other => bail!("frame {n}: host answered {}", other.name()),
             }
+            rtt.push(sent_rx.recv()?.elapsed().as_secs_f64() * 1e3);
             let _ = tok_tx.send(());
         }
-        Ok(frames)
+        Ok(rtt)
     });
     let layout = input.layout();
     let start = Instant::now();
@@ -231,8 +243,62 @@ fn over_socket(
                 })
             }
         };
+        sent_tx.send(Instant::now())?;
         tx.send(&Packet::new(1, msg))?;
     }
-    let done = answers.join().map_err(|_| anyhow::anyhow!("answer thread panicked"))??;
-    Ok(Row { path, frames: done, secs: start.elapsed().as_secs_f64() })
+    let rtt = answers.join().map_err(|_| anyhow::anyhow!("answer thread panicked"))??;
+    Ok(Row { path, frames, secs: start.elapsed().as_secs_f64(), rtt_p50_ms: Some(median(rtt)) })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The real GStreamer element: `appsrc ! vsockenc ! appsink`, as fast as it
+/// goes, with `in_flight` frames outstanding. Round trip from its stats.
+fn element(path: &'static str, sock: &Path, input: &Input, frames: u32, in_flight: usize) -> Result<Row> {
+    gst::init()?;
+    gstvsockenc::plugin_register_static()?;
+    let fmt = if input.format == PixelFormat::Nv12 { "NV12" } else { "BGRx" };
+    let desc = format!(
+        "appsrc name=src format=time caps=video/x-raw,format={fmt},width={},height={},framerate=30/1 ! \
+         vsockenc name=v socket-path={} max-in-flight={in_flight} ! fakesink sync=false",
+        input.w,
+        input.h,
+        sock.display()
+    );
+    let pipeline =
+        gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow::anyhow!("not a pipeline"))?;
+    let src = pipeline
+        .by_name("src")
+        .context("appsrc")?
+        .downcast::<gst_app::AppSrc>()
+        .map_err(|_| anyhow::anyhow!("appsrc"))?;
+    src.set_property("block", true);
+    src.set_property("max-buffers", 2u64);
+    pipeline.set_state(gst::State::Playing)?;
+    let start = Instant::now();
+    for i in 0..frames {
+        let mut b = gst::Buffer::from_slice(input.frames[i as usize % input.frames.len()].clone());
+        b.get_mut().expect("new buffer").set_pts(gst::ClockTime::from_nseconds(i as u64 * 33_333_333));
+        src.push_buffer(b)?;
+    }
+    src.end_of_stream()?;
+    let bus = pipeline.bus().context("bus")?;
+    let msg =
+        bus.timed_pop_filtered(gst::ClockTime::from_seconds(120), &[gst::MessageType::Eos, gst::MessageType::Error]);
+    let secs = start.elapsed().as_secs_f64();
+    let stats = pipeline.by_name("v").context("vsockenc")?.property::<gst::Structure>("stats");
+    pipeline.set_state(gst::State::Null)?;
+    match msg.as_ref().map(|m| m.view()) {
+        Some(gst::MessageView::Eos(_)) => {}
+        Some(gst::MessageView::Error(e)) => bail!("{path}: {}", e.error()),
+        _ => bail!("{path}: timed out"),
+    }
+    let answered = stats.get::<u64>("frames-answered")?;
+    if answered != frames as u64 {
+        bail!("{path}: {answered} of {frames} frames answered");
+    }
+    Ok(Row { path, frames, secs, rtt_p50_ms: Some(stats.get::<f64>("rtt-p50-ms")?) })
 }

@@ -74,15 +74,22 @@ struct HostArgs {
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // The server logs its sessions; the measuring commands print their own
+    // report and only want the host's warnings.
+    let default_filter = match cli.command {
+        Command::Host(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,hxfr_host=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Host(a) => host(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),

@@ -25,7 +25,9 @@ fn bench_quick_prints_the_table() {
     let out = hxfr().args(["bench", "--quick", "--size", "320x240"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for path in ["in-process", "inline UNIX", "inline TCP", "shared memory"] {
+    for path in
+        ["in-process", "inline UNIX", "inline TCP", "shared memory", "vsockenc, 1 in flight", "vsockenc, 2 in flight"]
+    {
         assert!(stdout.lines().any(|l| l.starts_with(&format!("| {path} | 30 |"))), "no row for {path}: {stdout}");
     }
 }
