@@ -210,10 +210,11 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
+        // Not joined: the reader may be waiting for the encoder's stream lock
+        // (to drop lost frames) while the streaming thread drops this link.
+        // With the socket shut it ends by itself.
         self.kill("closed");
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
+        drop(self.reader.take());
     }
 }
 

@@ -429,3 +429,132 @@ fn properties_are_compatible_with_the_c_element() {
     }
     assert_eq!(gst::ElementFactory::find("vsockenc").unwrap().rank(), gst::Rank::NONE);
 }
+
+// ---- a scripted host, for the faults a real one does not make ----------------
+
+use hxfr_proto::{FrameResponse, HelloResp, Message, Packet};
+
+/// What the scripted host does with the n-th frame request.
+#[derive(Clone, Copy)]
+enum Reply {
+    Frame,
+    Error,
+    /// Unsolicited messages first (PONG, CONFIG_RESP, another session's answer), then the answer.
+    NoiseThenFrame,
+    Silence,
+}
+
+/// A host on a UNIX socket that answers HELLO and then frames as `script`
+/// says. Returns the socket path and the force_keyframe flag of every request.
+fn scripted_host(dir: &tempfile::TempDir, script: fn(usize) -> Reply) -> (PathBuf, Arc<Mutex<Vec<bool>>>) {
+    let path = dir.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut n = 0usize;
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { return };
+            let seen = seen2.clone();
+            let mut dec = hxfr_proto::FrameDecoder::default();
+            let (mut buf, mut scratch) = (bytes::BytesMut::new(), bytes::BytesMut::new());
+            let mut w = s.try_clone().unwrap();
+            let mut send = |p: Packet| hxfr_proto::io::write_packet(&mut w, &p, &mut scratch);
+            while let Ok(p) = hxfr_proto::io::read_packet(&mut s, &mut dec, &mut buf) {
+                let sid = p.session_id;
+                let (pts, force) = match p.message {
+                    Message::Hello(h) => {
+                        let r = HelloResp { nonce: h.nonce, version: 1, features: 0, shm_size: 0, max_in_flight: 4 };
+                        let _ = send(Packet::new(0, Message::HelloResp(r)));
+                        continue;
+                    }
+                    Message::FrameRequest(r) => (r.pts, r.force_keyframe),
+                    _ => continue,
+                };
+                seen.lock().unwrap().push(force);
+                let answer = Packet::new(
+                    sid,
+                    Message::FrameResponse(FrameResponse {
+                        pts,
+                        dts: pts,
+                        is_keyframe: force,
+                        nals: vec![Bytes::from_static(&[0, 0, 0, 1, 0x09, 0xf0])], // an access unit delimiter
+                    }),
+                );
+                let r = match script(n) {
+                    Reply::Frame => send(answer),
+                    Reply::Error => send(Packet::error(sid, -5, "boom: the encoder is on fire")),
+                    Reply::NoiseThenFrame => {
+                        let _ = send(Packet::new(sid, Message::Pong));
+                        let _ =
+                            send(Packet::new(sid + 1, Message::Error { code: -1, message: "other session".into() }));
+                        let _ = send(Packet::new(
+                            0x77,
+                            Message::Unknown { msg_type: 0x77, flags: 0, payload: Bytes::new() },
+                        ));
+                        send(answer)
+                    }
+                    Reply::Silence => Ok(()),
+                };
+                n += 1;
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (path, seen)
+}
+
+fn fake_pipeline(sock: &std::path::Path, n: u32, extra: &str) -> String {
+    format!(
+        "videotestsrc num-buffers={n} ! video/x-raw,format=BGRx,width=64,height=64,framerate=30/1 ! \
+         vsockenc name=v socket-path={} keyframe-interval=0 {extra} ! appsink name=enc sync=false",
+        sock.display()
+    )
+}
+
+#[test]
+fn an_error_answer_drops_that_frame_and_asks_for_a_keyframe() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, seen) = scripted_host(&dir, |n| if n == 3 { Reply::Error } else { Reply::Frame });
+    let r = run(&fake_pipeline(&sock, 10, "max-in-flight=1"), None).unwrap();
+    assert_eq!(r.enc.len(), 9, "frame 3 dropped, the rest delivered");
+    let st = r.element_stats.unwrap();
+    assert_eq!(st.get::<u64>("frames-dropped").unwrap(), 1);
+    let forced = seen.lock().unwrap().clone();
+    assert_eq!(&forced[..5], &[true, false, false, false, true], "the frame after the error is forced to a keyframe");
+}
+
+#[test]
+fn errors_in_a_row_fail_with_the_hosts_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, _) = scripted_host(&dir, |_| Reply::Error);
+    let e = run(&fake_pipeline(&sock, 30, "max-errors=3 max-in-flight=1"), None).err().unwrap();
+    assert!(e.contains("3 frames in a row") && e.contains("boom: the encoder is on fire"), "{e}");
+}
+
+#[test]
+fn unsolicited_messages_never_shift_frame_matching() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, _) = scripted_host(&dir, |_| Reply::NoiseThenFrame);
+    let r = run(&fake_pipeline(&sock, 12, "max-in-flight=3"), None).unwrap();
+    assert_eq!(r.enc.len(), 12);
+    let pts: Vec<u64> = r.enc.iter().map(|b| b.pts().unwrap().mseconds()).collect();
+    let want: Vec<u64> = (0..12).map(|i| i * 1000 / 30).collect();
+    assert_eq!(pts, want, "each answer went to its own frame");
+    assert_eq!(r.element_stats.unwrap().get::<u64>("frames-dropped").unwrap(), 0);
+}
+
+#[test]
+fn a_silent_host_counts_as_gone_after_the_reply_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, _) = scripted_host(&dir, |n| if n < 2 { Reply::Frame } else { Reply::Silence });
+    let start = Instant::now();
+    let r = run(&fake_pipeline(&sock, 8, "reply-timeout=300 max-in-flight=1"), None).expect("no error, only warnings");
+    assert!(start.elapsed() < Duration::from_secs(15));
+    assert_eq!(r.enc.len(), 2);
+    let st = r.element_stats.unwrap();
+    assert_eq!(st.get::<u64>("frames-dropped").unwrap(), 6, "{st}");
+    assert!(r.messages.iter().any(|m| m.contains("no answer within 300 ms")), "{:?}", r.messages);
+}

@@ -131,6 +131,9 @@ impl Stats {
 
 /// What the reader thread shares with the streaming thread.
 struct Shared {
+    /// Bumped at every start: a reader thread left over from an earlier run
+    /// (frame numbers start again) must not touch this run's frames.
+    generation: AtomicU64,
     stats: Stats,
     /// An ERROR answer asks for a keyframe on the next frame.
     want_keyframe: AtomicBool,
@@ -188,6 +191,7 @@ impl Default for VsockEnc {
             settings: Mutex::new(Settings::default()),
             state: Mutex::new(None),
             shared: Arc::new(Shared {
+                generation: AtomicU64::new(0),
                 stats: Stats::default(),
                 want_keyframe: AtomicBool::new(false),
                 errors_in_row: AtomicU32::new(0),
@@ -514,9 +518,15 @@ fn profile_name(profile_idc: u8) -> Option<&'static str> {
 struct Sink {
     element: glib::WeakRef<super::VsockEnc>,
     shared: Arc<Shared>,
+    generation: u64,
 }
 
 impl Sink {
+    /// The element, unless it is gone or this sink belongs to an earlier run.
+    fn element(&self) -> Option<super::VsockEnc> {
+        (self.shared.generation.load(Ordering::Acquire) == self.generation).then(|| self.element.upgrade())?
+    }
+
     fn store_flow(&self, r: Result<gst::FlowSuccess, gst::FlowError>) {
         if r.is_err() {
             *self.shared.flow.lock().unwrap() = r;
@@ -553,7 +563,7 @@ impl Sink {
 
 impl AnswerSink for Sink {
     fn answer(&self, pending: Pending, answer: Answer) {
-        let Some(enc) = self.element.upgrade() else { return };
+        let Some(enc) = self.element() else { return };
         let stats = &self.shared.stats;
         {
             let mut rtt = stats.rtt_ms.lock().unwrap();
@@ -600,7 +610,7 @@ impl AnswerSink for Sink {
     }
 
     fn lost(&self, pending: Vec<Pending>, why: &str) {
-        let Some(enc) = self.element.upgrade() else { return };
+        let Some(enc) = self.element() else { return };
         if !pending.is_empty() {
             gst::warning!(CAT, obj = enc, "{why}: dropping {} frame(s) in flight", pending.len());
         }
@@ -613,7 +623,7 @@ impl AnswerSink for Sink {
     }
 
     fn other(&self, packet: Packet) {
-        let Some(enc) = self.element.upgrade() else { return };
+        let Some(enc) = self.element() else { return };
         match packet.message {
             Message::ConfigResp(c) => gst::info!(
                 CAT,
@@ -690,7 +700,11 @@ impl VsockEnc {
                 "connected to {addr}; host does not answer HELLO, speaking Helix's protocol only"
             ),
         }
-        let sink = Arc::new(Sink { element: self.obj().downgrade(), shared: self.shared.clone() });
+        let sink = Arc::new(Sink {
+            element: self.obj().downgrade(),
+            shared: self.shared.clone(),
+            generation: self.shared.generation.load(Ordering::Acquire),
+        });
         link.start(rx, sink);
         Ok(link)
     }
@@ -923,6 +937,7 @@ fn frame_duration(info: &gst_video::VideoInfo) -> Option<gst::ClockTime> {
 
 impl VideoEncoderImpl for VsockEnc {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
         let settings = self.settings.lock().unwrap().clone();
         let addr =
             settings.address().map_err(|e| gst::error_msg!(gst::ResourceError::Settings, ("bad host address: {e}")))?;
@@ -949,6 +964,7 @@ impl VideoEncoderImpl for VsockEnc {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
         // Dropping the link shuts the socket; its reader thread ends by itself.
         *self.state.lock().unwrap() = None;
         Ok(())
