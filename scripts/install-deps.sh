@@ -9,6 +9,8 @@ PKGS=(
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstreamer-plugins-bad1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools
+  # the bridge's sources and its test pattern's clock (timeoverlay)
+  gstreamer1.0-x gstreamer1.0-pipewire
   # x264 for the host's default encoder; clang for bindgen, nasm for assembly
   libx264-dev libclang-dev clang nasm
   # browser tests, virtual display, TCP<->UNIX relay used by the bench

@@ -321,33 +321,51 @@ impl Drop for HostHandle {
 }
 
 /// Starts a host on a thread of its own with its own runtime, listening on
-/// `listen` (and connecting to each of `connect`).
+/// `listen` (and connecting to each of `connect`). Works from any thread,
+/// inside an async runtime or not.
 pub fn spawn(config: HostConfig, listen: Vec<ListenAddr>, connect: Vec<PathBuf>) -> Result<HostHandle, HostError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("hxfr-host")
-        .enable_all()
-        .build()
-        .map_err(HostError::Runtime)?;
     let host = Host::new(config)?;
-    let listeners = rt.block_on(async {
-        let mut v = Vec::new();
-        for a in &listen {
-            v.push(host.bind(a).await?);
-        }
-        Ok::<_, HostError>(v)
-    })?;
-    let addrs = listeners.iter().map(Listener::local_addr).collect();
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let (stats, encoder) = (host.stats(), host.encoder().clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("hxfr-host-main".into())
         .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("hxfr-host")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(HostError::Runtime(e)));
+                    return;
+                }
+            };
+            let bound = rt.block_on(async {
+                let mut v = Vec::new();
+                for a in &listen {
+                    v.push(host.bind(a).await?);
+                }
+                Ok::<_, HostError>(v)
+            });
+            let listeners = match bound {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(listeners.iter().map(Listener::local_addr).collect::<Vec<_>>()));
             rt.block_on(host.serve(listeners, connect, async {
-                let _ = rx.await;
+                let _ = stop_rx.await;
             }));
             rt.shutdown_timeout(Duration::from_secs(2));
         })
         .map_err(HostError::Runtime)?;
-    Ok(HostHandle { addrs, encoder, stats, stop: Some(tx), thread: Some(thread) })
+    let addrs = ready_rx
+        .recv()
+        .map_err(|_| HostError::Runtime(std::io::Error::other("host thread ended before binding")))??;
+    Ok(HostHandle { addrs, encoder, stats, stop: Some(stop_tx), thread: Some(thread) })
 }

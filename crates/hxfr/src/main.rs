@@ -1,6 +1,7 @@
 //! `hxfr`: one binary, thin over the libraries.
 
 mod bench;
+mod bridge;
 mod demo;
 
 use std::path::PathBuf;
@@ -23,8 +24,12 @@ struct Cli {
 enum Command {
     /// Serve guests: take raw frames, answer each with H.264, in order.
     Host(HostArgs),
-    /// Run the whole path on this machine: a host and a guest streaming a
-    /// moving test pattern through it, every answer decoded and scored.
+    /// Guest side: capture, encode (on the host through vsockenc, or locally), serve the page.
+    Bridge(bridge::BridgeArgs),
+    /// Watch a bridge like a viewer and report frames, fps, bitrate, latency.
+    Stream(bridge::StreamArgs),
+    /// The whole system on this machine: a host, a bridge encoding through
+    /// it, and the page to open.
     Demo(demo::DemoArgs),
     /// Measure the offload paths side by side against the encoder in-process.
     Bench(bench::BenchArgs),
@@ -78,7 +83,7 @@ fn main() -> Result<()> {
     // The server logs its sessions; the measuring commands print their own
     // report and only want the host's warnings.
     let default_filter = match cli.command {
-        Command::Host(_) => "info",
+        Command::Host(_) | Command::Bridge(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -91,6 +96,8 @@ fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Host(a) => host(a),
+        Command::Bridge(a) => bridge::bridge(a),
+        Command::Stream(a) => bridge::stream(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
     }

@@ -12,12 +12,44 @@ fn hxfr() -> Command {
 }
 
 #[test]
-fn demo_streams_and_reports() {
-    let out = hxfr().args(["demo", "--seconds", "2", "--size", "320x240", "--encoder", "x264"]).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("60 sent, 60 answered"), "{stdout}");
-    assert!(stdout.contains("decoded: 60 of 60"), "{stdout}");
+fn demo_serves_a_stream_that_hxfr_stream_measures_then_stops_on_ctrl_c() {
+    use std::io::BufRead;
+    let mut demo = hxfr()
+        .args(["demo", "--listen", "127.0.0.1:0", "--size", "640x360", "--encoder", "x264"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("demo printed its URL").unwrap();
+        if let Some(u) = line.trim().strip_prefix("open ") {
+            break u.to_string();
+        }
+    };
+    let out = hxfr().args(["stream", &url, "--duration", "3", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report:#}");
+    assert!(report["frames"].as_u64().unwrap() >= 60, "{report:#}");
+    assert_eq!((report["width"].as_u64(), report["height"].as_u64()), (Some(640), Some(360)));
+    assert_eq!(report["encoder"], "vsockenc");
+    assert_eq!(report["starts_with_idr"], true);
+    // SAFETY: signalling the child we started, by its pid.
+    unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(demo.wait().unwrap().success());
+    assert!(rest.iter().any(|l| l.starts_with("host: conn")), "host stats on exit: {rest:?}");
+}
+
+#[test]
+fn stream_fails_when_nothing_is_there() {
+    let out = hxfr().args(["stream", "http://127.0.0.1:9/", "--duration", "1"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -75,11 +107,12 @@ fn host_serves_then_stops_on_ctrl_c_with_final_stats() {
 
 #[test]
 fn bad_flags_say_what_is_wrong() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["host", "--listen", "tcp:0.0.0.0:0"], "--allow-remote"),
         (&["host", "--encoder", "quantum"], "use auto, x264 or gst:ELEMENT"),
         (&["host", "--listen", "carrier-pigeon:1"], "expected tcp:HOST:PORT"),
         (&["demo", "--size", "big"], "expected WIDTHxHEIGHT"),
+        (&["bridge", "--source", "webcam"], "expected test, x11"),
     ];
     for (args, needle) in cases {
         let out = hxfr().args(args).output().unwrap();

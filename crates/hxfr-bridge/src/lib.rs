@@ -1,0 +1,174 @@
+//! `hxfr bridge`: the guest side of hxfr, from desktop to browser.
+//!
+//! Captures a desktop (PipeWire, X11 or a test pattern), encodes it with the
+//! encoder the guest's GPU calls for (vsockenc on virtio-gpu, so the host
+//! encodes; NVENC or VA-API on real GPUs; x264 as the last resort), and
+//! streams the access units over WebSocket to an embedded WebCodecs page.
+
+pub mod hub;
+pub mod pipeline;
+pub mod select;
+mod server;
+pub mod viewer;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use gst::prelude::*;
+use serde_json::json;
+use tracing::{info, warn};
+
+pub use pipeline::Source;
+pub use select::Choice;
+
+pub struct BridgeConfig {
+    pub source: Source,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// `auto` or an encoder element name.
+    pub encoder: String,
+    /// Where vsockenc finds the host.
+    pub host_encoder: String,
+    pub bitrate: u32,
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+    pub allow_lan_without_auth: bool,
+    /// Root of the sysfs tree the GPU vendor is read from.
+    pub sysfs: PathBuf,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            source: Source::Test,
+            width: 1280,
+            height: 720,
+            fps: 30,
+            encoder: "auto".into(),
+            host_encoder: "tcp:10.0.2.2:15937".into(),
+            bitrate: 4_000_000,
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            token: None,
+            allow_lan_without_auth: false,
+            sysfs: "/sys".into(),
+        }
+    }
+}
+
+/// A running bridge.
+pub struct Bridge {
+    pub addr: SocketAddr,
+    pub choice: Choice,
+    pub hub: Arc<hub::Hub>,
+    pipeline: gst::Pipeline,
+    server: tokio::task::JoinHandle<()>,
+    token: Option<String>,
+}
+
+impl Bridge {
+    /// Builds and starts the pipeline and the web server (needs a tokio runtime).
+    pub async fn start(cfg: BridgeConfig) -> Result<Bridge> {
+        if !cfg.listen.ip().is_loopback() {
+            match (&cfg.token, cfg.allow_lan_without_auth) {
+                (Some(_), _) => warn!("listening on {}: viewers need the token; the stream is your screen", cfg.listen),
+                (None, true) => warn!(
+                    "listening on {} WITHOUT authentication: anyone who can reach it sees your screen",
+                    cfg.listen
+                ),
+                (None, false) => bail!(
+                    "refusing to listen on {} without --token (or --allow-lan-without-auth): the stream is your screen",
+                    cfg.listen
+                ),
+            }
+        }
+        gst::init()?;
+        gstvsockenc::plugin_register_static().context("registering vsockenc")?;
+        let choice = select::choose(&cfg.encoder, &cfg.sysfs, &|e| gst::ElementFactory::find(e).is_some());
+        info!("encoder: {} ({})", choice.element, choice.reason);
+        let hub = Arc::new(hub::Hub::default());
+        let pcfg = pipeline::PipelineConfig {
+            source: cfg.source.clone(),
+            width: cfg.width,
+            height: cfg.height,
+            fps: cfg.fps,
+            encoder: choice.clone(),
+            host_encoder: cfg.host_encoder.clone(),
+            bitrate: cfg.bitrate,
+        };
+        let pipeline = pipeline::build(&pcfg, hub.clone())?;
+        if let Err(e) = pipeline.set_state(gst::State::Playing) {
+            let why = first_error(&pipeline).unwrap_or_else(|| e.to_string());
+            let _ = pipeline.set_state(gst::State::Null);
+            bail!("the pipeline did not start: {why}");
+        }
+        let listener =
+            tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(server::AppState {
+            hub: hub.clone(),
+            token: cfg.token.clone(),
+            hello: json!({
+                "type": "hello",
+                "encoder": choice.element,
+                "reason": choice.reason,
+                "width": cfg.width,
+                "height": cfg.height,
+                "fps": cfg.fps,
+            }),
+        });
+        let app = server::router(state);
+        let server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                warn!("web server stopped: {e}");
+            }
+        });
+        Ok(Bridge { addr, choice, hub, pipeline, server, token: cfg.token })
+    }
+
+    /// The page's address (with the token when one is needed).
+    pub fn url(&self) -> String {
+        let host = if self.addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { self.addr.ip().to_string() };
+        let base = format!("http://{host}:{}/", self.addr.port());
+        match &self.token {
+            Some(t) => format!("{base}?token={t}"),
+            None => base,
+        }
+    }
+
+    /// Waits until the pipeline fails or ends; returns its error if it failed.
+    pub async fn wait(&self) -> Result<()> {
+        let bus = self.pipeline.bus().context("pipeline bus")?;
+        let mut messages = bus.stream();
+        while let Some(msg) = futures::StreamExt::next(&mut messages).await {
+            match msg.view() {
+                gst::MessageView::Error(e) => {
+                    bail!("{} ({})", e.error(), e.debug().map(|d| d.to_string()).unwrap_or_default())
+                }
+                gst::MessageView::Warning(w) => warn!("{}", w.error()),
+                gst::MessageView::Eos(_) => return Ok(()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stop(self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+        self.hub.close();
+        self.server.abort();
+    }
+}
+
+fn first_error(p: &gst::Pipeline) -> Option<String> {
+    let bus = p.bus()?;
+    while let Some(m) = bus.pop_filtered(&[gst::MessageType::Error]) {
+        if let gst::MessageView::Error(e) = m.view() {
+            return Some(format!("{} ({})", e.error(), e.debug().map(|d| d.to_string()).unwrap_or_default()));
+        }
+    }
+    None
+}

@@ -1,0 +1,129 @@
+//! One HTTP port: the page at `/`, the stream at `/stream` (WebSocket).
+//!
+//! Control channel, JSON text messages on the stream's socket:
+//! - bridge → viewer `{"type":"hello","encoder","reason","width","height","fps"}` once,
+//!   `{"type":"stats","viewers","fps","bitrate_bps","frames","skipped"}` every second,
+//!   `{"type":"pong","t","server_ms"}` for each ping.
+//! - viewer → bridge `{"type":"keyframe"}` (after a decoder error), `{"type":"ping","t"}`
+//!   (the viewer's clock, for the clock-offset estimate behind glass-to-glass latency).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+
+use crate::hub::Hub;
+
+/// The page, embedded in the binary.
+const PAGE: &str = include_str!("../page/index.html");
+
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub token: Option<String>,
+    pub hello: serde_json::Value,
+}
+
+type Params = Query<HashMap<String, String>>;
+
+fn authorised(st: &AppState, q: &HashMap<String, String>) -> bool {
+    match &st.token {
+        None => true,
+        Some(t) => q.get("token").is_some_and(|given| constant_time_eq(given.as_bytes(), t.as_bytes())),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn refused() -> Response {
+    (StatusCode::UNAUTHORIZED, "This bridge needs ?token=… in the URL (see the bridge's log line).\n").into_response()
+}
+
+pub fn router(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new().route("/", get(page)).route("/stream", get(stream)).with_state(state)
+}
+
+async fn page(State(st): State<Arc<AppState>>, Query(q): Params) -> Response {
+    if !authorised(&st, &q) {
+        return refused();
+    }
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], PAGE).into_response()
+}
+
+async fn stream(ws: WebSocketUpgrade, State(st): State<Arc<AppState>>, Query(q): Params) -> Response {
+    if !authorised(&st, &q) {
+        return refused();
+    }
+    ws.on_upgrade(move |socket| viewer(socket, st))
+}
+
+async fn viewer(socket: WebSocket, st: Arc<AppState>) {
+    let (mut tx, mut rx) = socket.split();
+    let v = st.hub.subscribe();
+    tracing::info!(viewers = st.hub.viewers(), "viewer connected");
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let (mut last_frames, mut last_bytes, mut last_t) =
+        (st.hub.frames.load(Ordering::Relaxed), st.hub.bytes.load(Ordering::Relaxed), Instant::now());
+    if tx.send(Message::Text(st.hello.to_string().into())).await.is_err() {
+        st.hub.unsubscribe(&v);
+        return;
+    }
+    'run: loop {
+        tokio::select! {
+            _ = v.notify.notified() => {
+                let Some(units) = v.take() else { break };
+                for u in units {
+                    // A viewer that does not read blocks only here; the hub keeps
+                    // its queue bounded meanwhile.
+                    if tx.send(Message::Binary(u.message.clone())).await.is_err() {
+                        break 'run;
+                    }
+                }
+            }
+            m = rx.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    let Ok(msg) = serde_json::from_str::<serde_json::Value>(&t) else { continue };
+                    match msg["type"].as_str() {
+                        Some("keyframe") => st.hub.request_keyframe(),
+                        Some("ping") => {
+                            let pong = json!({"type": "pong", "t": msg["t"], "server_ms": crate::wire::unix_us() as f64 / 1000.0});
+                            if tx.send(Message::Text(pong.to_string().into())).await.is_err() {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            _ = tick.tick() => {
+                let (f, b, now) = (st.hub.frames.load(Ordering::Relaxed), st.hub.bytes.load(Ordering::Relaxed), Instant::now());
+                let secs = now.duration_since(last_t).as_secs_f64().max(1e-3);
+                let stats = json!({
+                    "type": "stats",
+                    "viewers": st.hub.viewers(),
+                    "fps": (f - last_frames) as f64 / secs,
+                    "bitrate_bps": (b - last_bytes) as f64 * 8.0 / secs,
+                    "frames": f,
+                    "skipped": v.skipped.load(Ordering::Relaxed),
+                });
+                (last_frames, last_bytes, last_t) = (f, b, now);
+                if tx.send(Message::Text(stats.to_string().into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    st.hub.unsubscribe(&v);
+    tracing::info!(viewers = st.hub.viewers(), "viewer left");
+}

@@ -1,0 +1,123 @@
+//! `hxfr bridge` and `hxfr stream`.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use hxfr_bridge::{Bridge, BridgeConfig, Source};
+
+#[derive(clap::Args)]
+pub struct BridgeArgs {
+    /// test, x11[:DISPLAY], pipewire[:NODE|:fd=N]
+    #[arg(long, default_value = "test")]
+    source: Source,
+    /// Frame size, WIDTHxHEIGHT.
+    #[arg(long, default_value = "1280x720")]
+    size: String,
+    #[arg(long, default_value_t = 30)]
+    fps: u32,
+    /// auto (by GPU vendor) or an encoder element (vsockenc, nvh264enc, vah264enc, x264enc, …).
+    #[arg(long, default_value = "auto")]
+    encoder: String,
+    /// Where vsockenc finds the host encoder.
+    #[arg(long, default_value = "tcp:10.0.2.2:15937")]
+    host_encoder: String,
+    /// Bits per second.
+    #[arg(long, default_value_t = 4_000_000)]
+    bitrate: u32,
+    /// Where the page and the stream are served.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Viewers must add ?token=… (required off loopback unless --allow-lan-without-auth).
+    #[arg(long)]
+    token: Option<String>,
+    #[arg(long)]
+    allow_lan_without_auth: bool,
+    /// sysfs root the GPU vendor is read from.
+    #[arg(long, default_value = "/sys", hide = true)]
+    sysfs: PathBuf,
+}
+
+pub fn bridge(a: BridgeArgs) -> Result<()> {
+    let (width, height) = crate::parse_size(&a.size)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let bridge = Bridge::start(BridgeConfig {
+            source: a.source,
+            width,
+            height,
+            fps: a.fps,
+            encoder: a.encoder,
+            host_encoder: a.host_encoder,
+            bitrate: a.bitrate,
+            listen: a.listen,
+            token: a.token,
+            allow_lan_without_auth: a.allow_lan_without_auth,
+            sysfs: a.sysfs,
+        })
+        .await?;
+        println!("hxfr bridge: {} ({}); open {}", bridge.choice.element, bridge.choice.reason, bridge.url());
+        let r = tokio::select! {
+            r = bridge.wait() => r,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        };
+        bridge.stop();
+        r
+    })
+}
+
+#[derive(clap::Args)]
+pub struct StreamArgs {
+    /// The bridge's page URL, e.g. http://127.0.0.1:8080/ (with ?token=… if it has one).
+    url: String,
+    /// Seconds to watch.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn stream(a: StreamArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(hxfr_bridge::viewer::watch(&a.url, Duration::from_secs(a.duration), |p| {
+        eprint!(
+            "\r  {:4.0} s  {:6} frames  {:5.1} fps  {:6.2} Mbit/s ",
+            p.elapsed.as_secs_f64(),
+            p.frames,
+            p.fps,
+            p.bitrate_bps / 1e6
+        );
+        let _ = std::io::stderr().flush();
+    }))?;
+    eprintln!();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let ms = |v: Option<f64>| v.map_or("n/a (clocks not shared)".to_string(), |v| format!("{v:.1} ms"));
+        println!(
+            "stream:    {} — {}x{}, {} level {}",
+            report.url, report.width, report.height, report.profile, report.level
+        );
+        println!("encoder:   {} ({})", report.encoder, report.encoder_reason);
+        println!("frames:    {} in {:.1} s, {} keyframes", report.frames, report.seconds, report.keyframes);
+        println!("fps:       {:.1} average, {:.0} in the worst second", report.fps_avg, report.fps_worst_1s);
+        println!("bitrate:   {:.2} Mbit/s", report.bitrate_bps / 1e6);
+        println!(
+            "latency:   p50 {}, p95 {}, p99 {} (captured → received)",
+            ms(report.latency_ms_p50),
+            ms(report.latency_ms_p95),
+            ms(report.latency_ms_p99)
+        );
+        println!("starts at an IDR: {}", if report.starts_with_idr { "yes" } else { "NO" });
+        for p in &report.problems {
+            println!("problem:   {p}");
+        }
+    }
+    if !report.ok() {
+        bail!("the stream is broken or empty");
+    }
+    Ok(())
+}
