@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps build lint fuzz
+.PHONY: demo test deps build lint fuzz bench
 
 deps:
 	@bash scripts/install-deps.sh
@@ -27,3 +27,7 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && $(CARGO) +nightly fuzz run decode -- -max_total_time=$(FUZZ_SECONDS)
+
+# The full performance matrix: a table on stdout, JSON and an SVG plot in docs/.
+bench: build
+	./target/release/hxfr bench --json docs/benchmarks.json --plot docs/benchmarks.svg | tee docs/benchmarks-latest.md

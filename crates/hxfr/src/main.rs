@@ -1,6 +1,5 @@
 //! `hxfr`: one binary, thin over the libraries.
 
-mod bench;
 mod bridge;
 mod demo;
 
@@ -32,7 +31,7 @@ enum Command {
     /// it, and the page to open.
     Demo(demo::DemoArgs),
     /// Measure the offload paths side by side against the encoder in-process.
-    Bench(bench::BenchArgs),
+    Bench(hxfr_bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -99,7 +98,7 @@ fn main() -> Result<()> {
         Command::Bridge(a) => bridge::bridge(a),
         Command::Stream(a) => bridge::stream(a),
         Command::Demo(a) => demo::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => hxfr_bench::run(a).map(|_| ()),
     }
 }
 

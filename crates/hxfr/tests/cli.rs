@@ -53,15 +53,28 @@ fn stream_fails_when_nothing_is_there() {
 }
 
 #[test]
-fn bench_quick_prints_the_table() {
-    let out = hxfr().args(["bench", "--quick", "--size", "320x240"]).output().unwrap();
+fn bench_quick_prints_the_table_json_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, svg) = (dir.path().join("b.json"), dir.path().join("b.svg"));
+    let out = hxfr()
+        .args(["bench", "--quick", "--sizes", "320x240"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for path in
-        ["in-process", "inline UNIX", "inline TCP", "shared memory", "vsockenc, 1 in flight", "vsockenc, 2 in flight"]
-    {
-        assert!(stdout.lines().any(|l| l.starts_with(&format!("| {path} | 30 |"))), "no row for {path}: {stdout}");
+    for path in ["in-process", "inline UNIX", "inline TCP", "shared memory", "guest x264enc", "vsockenc element"] {
+        assert!(stdout.lines().any(|l| l.contains(&format!("| {path} |"))), "no row for {path}: {stdout}");
     }
+    assert!(stdout.contains("### Sessions at once"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let cells = report["cells"].as_array().unwrap();
+    assert!(cells.len() >= 6);
+    assert!(cells.iter().all(|c| c["fps"].as_f64().unwrap() > 0.0), "{report:#}");
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
 }
 
 #[test]
