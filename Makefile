@@ -28,6 +28,8 @@ fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && $(CARGO) +nightly fuzz run decode -- -max_total_time=$(FUZZ_SECONDS)
 
-# The full performance matrix: a table on stdout, JSON and an SVG plot in docs/.
+# The full performance matrix (about 10 minutes): tables on stdout and in
+# target/bench/, with JSON and an SVG plot. docs/benchmarks.md holds a committed run.
 bench: build
-	./target/release/hxfr bench --json docs/benchmarks.json --plot docs/benchmarks.svg | tee docs/benchmarks-latest.md
+	mkdir -p target/bench
+	./target/release/hxfr bench --json target/bench/benchmarks.json --plot target/bench/benchmarks.svg | tee target/bench/benchmarks.md

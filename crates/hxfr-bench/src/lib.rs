@@ -26,7 +26,7 @@ use hxfr_guest::{Connection, HostAddr};
 use hxfr_host::{HostConfig, HostHandle, ListenAddr};
 use hxfr_proto::{FrameRequest, Layout, Message, Packet, PixelFormat, ShmFrameRequest, ShmPlane};
 use hxfr_testkit::{Content, pattern_bgrx, pattern_nv12};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sys::{CpuMark, CpuSplit};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -49,9 +49,12 @@ pub struct BenchArgs {
     /// Draw fps and p50 latency by size and path (SVG) here.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Print (and plot) a run saved with --json instead of measuring.
+    #[arg(long, value_name = "FILE")]
+    pub from_json: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PathKind {
     InProcess,
     InlineUnix,
@@ -90,12 +93,12 @@ impl PathKind {
 }
 
 /// One cell of the matrix.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cell {
     pub width: u32,
     pub height: u32,
-    pub format: &'static str,
-    pub content: &'static str,
+    pub format: String,
+    pub content: String,
     pub path: PathKind,
     /// Throughput with frames in flight.
     pub fps: f64,
@@ -110,7 +113,7 @@ pub struct Cell {
     pub peak_rss_mb: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Floor {
     pub width: u32,
     pub height: u32,
@@ -121,7 +124,7 @@ pub struct Floor {
     pub memcpy_ms: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScaleRow {
     pub sessions: usize,
     pub fps_per_session_min: f64,
@@ -131,14 +134,14 @@ pub struct ScaleRow {
     pub sustained: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
     pub what: String,
     pub met: bool,
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: String,
     pub in_flight: usize,
@@ -549,6 +552,15 @@ fn machine() -> String {
 
 /// Runs the matrix and prints it; returns the report.
 pub fn run(a: BenchArgs) -> Result<Report> {
+    if let Some(f) = &a.from_json {
+        let report: Report =
+            serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)?;
+        print_markdown(&report, &mut std::io::stdout())?;
+        if let Some(p) = &a.plot {
+            plot::draw(&report, p)?;
+        }
+        return Ok(report);
+    }
     if a.in_flight == 0 || a.in_flight > 4 {
         bail!("--in-flight must be 1..4");
     }
@@ -619,8 +631,8 @@ pub fn run(a: BenchArgs) -> Result<Report> {
                     cells.push(Cell {
                         width: w,
                         height: h,
-                        format: if format == PixelFormat::Nv12 { "NV12" } else { "BGRx" },
-                        content: if content == Content::Desktop { "desktop" } else { "motion" },
+                        format: if format == PixelFormat::Nv12 { "NV12" } else { "BGRx" }.into(),
+                        content: if content == Content::Desktop { "desktop" } else { "motion" }.into(),
                         path,
                         fps,
                         ratio: if base_fps > 0.0 { fps / base_fps } else { 0.0 },

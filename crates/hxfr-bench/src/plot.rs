@@ -7,7 +7,7 @@ use plotters::prelude::*;
 
 use crate::{PathKind, Report};
 
-const COLOURS: [RGBColor; 6] = [BLACK, BLUE, CYAN, GREEN, MAGENTA, RED];
+const COLOURS: [RGBColor; 7] = [BLACK, BLUE, CYAN, GREEN, MAGENTA, RED, RGBColor(255, 140, 0)];
 
 pub fn draw(r: &Report, file: &Path) -> Result<()> {
     let root = SVGBackend::new(file, (1100, 450)).into_drawing_area();
@@ -29,16 +29,17 @@ pub fn draw(r: &Report, file: &Path) -> Result<()> {
     };
     let max_mp = r.cells.iter().map(|c| (c.width * c.height) as f64 / 1e6).fold(0.5, f64::max);
     for (area, title, y, label) in [
-        (&left, "Throughput (BGRx, motion)", (|c: &crate::Cell| c.fps) as fn(&crate::Cell) -> f64, "fps"),
-        (&right, "Latency at 30 fps (BGRx, motion)", |c: &crate::Cell| c.p50_ms, "p50 ms, frame in → H.264 out"),
+        (&left, "Throughput (BGRx, motion)", (|c: &crate::Cell| c.fps) as fn(&crate::Cell) -> f64, "fps (log)"),
+        (&right, "Latency at 30 fps (BGRx, motion)", |c: &crate::Cell| c.p50_ms, "p50 ms, frame in → H.264 out (log)"),
     ] {
-        let max_y = r.cells.iter().map(y).fold(1.0, f64::max) * 1.1;
+        let max_y = r.cells.iter().map(y).fold(1.0, f64::max) * 1.5;
+        let min_y = r.cells.iter().map(y).filter(|v| *v > 0.0).fold(f64::MAX, f64::min).max(0.1) / 1.5;
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(48)
-            .build_cartesian_2d(0.0..max_mp * 1.05, 0.0..max_y)
+            .build_cartesian_2d(0.0..max_mp * 1.05, (min_y..max_y).log_scale())
             .map_err(|e| anyhow!("{e}"))?;
         chart.configure_mesh().x_desc("megapixels per frame").y_desc(label).draw().map_err(|e| anyhow!("{e}"))?;
         for (i, p) in paths.iter().enumerate() {
