@@ -183,7 +183,15 @@ impl Conn {
     async fn handle(&mut self, p: Packet) -> bool {
         let sid = p.session_id;
         match p.message {
-            Message::FrameRequest(r) if r.pixels.is_some() => self.dispatch(sid, Job::Inline(r), true).await,
+            Message::FrameRequest(r) if r.pixels.is_some() => {
+                // Wait for room in the host-wide budget; a frame larger than
+                // the whole budget takes all of it and runs alone.
+                let budget = &self.ctx.buffer_budget;
+                let kib = r.pixels.as_ref().map_or(0, |p| p.len().div_ceil(1024)).max(1);
+                let want = (kib as u64).min((self.ctx.config.limits.max_buffered / 1024).max(1)) as u32;
+                let Ok(permit) = budget.clone().acquire_many_owned(want).await else { return false };
+                self.dispatch(sid, Job::Inline(r, Some(permit)), true).await
+            }
             Message::FrameRequest(r) if r.resource_id != 0 => self.dispatch(sid, Job::Resource(r), true).await,
             Message::FrameRequest(_) => {
                 let e = "frame request with neither pixels (PIXEL_DATA flag) nor a resource id";

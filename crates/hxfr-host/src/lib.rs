@@ -43,11 +43,21 @@ pub struct Limits {
     pub max_payload: u32,
     /// Requests queued per session before the host stops reading the socket.
     pub max_in_flight: usize,
+    /// Inline pixels queued for encoding across the whole host, in bytes. A
+    /// connection whose frame does not fit waits (and so stops reading),
+    /// whatever its own limits allow.
+    pub max_buffered: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_connections: 64, max_sessions: 16, max_payload: hxfr_proto::DEFAULT_MAX_PAYLOAD, max_in_flight: 4 }
+        Limits {
+            max_connections: 64,
+            max_sessions: 16,
+            max_payload: hxfr_proto::DEFAULT_MAX_PAYLOAD,
+            max_in_flight: 4,
+            max_buffered: 1 << 30,
+        }
     }
 }
 
@@ -106,6 +116,8 @@ pub(crate) struct Ctx {
     pub stats: StatsRegistry,
     pub next_conn_id: AtomicU64,
     pub conn_slots: Arc<Semaphore>,
+    /// `limits.max_buffered` in KiB permits.
+    pub buffer_budget: Arc<Semaphore>,
 }
 
 /// A bound listener, ready to serve.
@@ -144,6 +156,8 @@ impl Host {
             None => None,
         };
         let conn_slots = Arc::new(Semaphore::new(config.limits.max_connections.max(1)));
+        let budget_kib = (config.limits.max_buffered / 1024).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
+        let buffer_budget = Arc::new(Semaphore::new(budget_kib));
         Ok(Host {
             ctx: Arc::new(Ctx {
                 config,
@@ -152,6 +166,7 @@ impl Host {
                 stats: StatsRegistry::default(),
                 next_conn_id: AtomicU64::new(1),
                 conn_slots,
+                buffer_budget,
             }),
         })
     }

@@ -24,7 +24,8 @@ use crate::stats::SessionStats;
 
 /// Work for a session, in the order the guest sent it.
 pub(crate) enum Job {
-    Inline(FrameRequest),
+    /// Holds its share of the host's buffer budget until encoded.
+    Inline(FrameRequest, Option<tokio::sync::OwnedSemaphorePermit>),
     Shm(ShmFrameRequest),
     Resource(FrameRequest),
     Keyframe,
@@ -107,7 +108,7 @@ impl Worker {
                 continue; // connection gone: drain without encoding
             }
             let reply = match job {
-                Job::Inline(req) => Some(self.inline(req)),
+                Job::Inline(req, _budget) => Some(self.inline(req)),
                 Job::Shm(req) => Some(self.shm(req)),
                 Job::Resource(req) => Some(self.resource(req)),
                 Job::Keyframe => {

@@ -567,3 +567,24 @@ fn oversize_inline_payload_is_refused_by_the_configured_limit() {
     let _ = c.send(&inline_request(1, Shape(PixelFormat::Bgrx, 640, 480, 2560), 0, false, px));
     assert!(c.recv().is_err(), "connection closed");
 }
+
+#[test]
+fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
+    // 1 MiB for the whole host; frames of 0.9 MiB and 1.2 MiB (larger than
+    // the budget itself) on several connections at once.
+    let host = std::sync::Arc::new(Host::start(HostConfig {
+        encoder: EncoderKind::X264,
+        limits: Limits { max_buffered: 1 << 20, ..Default::default() },
+        ..Default::default()
+    }));
+    let threads: Vec<_> = [(640u32, 360u32), (640, 480), (640, 360)]
+        .into_iter()
+        .map(|(w, h)| {
+            let host = host.clone();
+            std::thread::spawn(move || stream_and_check(&host, &host.unix_addr(), PixelFormat::Bgrx, w, h, 12))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}

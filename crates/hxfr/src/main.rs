@@ -75,6 +75,9 @@ struct HostArgs {
     /// Largest message accepted, in MiB.
     #[arg(long, default_value_t = Limits::default().max_payload >> 20)]
     max_payload_mib: u32,
+    /// Inline pixels queued for encoding across all guests, in MiB.
+    #[arg(long, default_value_t = Limits::default().max_buffered >> 20)]
+    max_buffered_mib: u64,
 }
 
 fn main() -> Result<()> {
@@ -132,6 +135,7 @@ fn host(a: HostArgs) -> Result<()> {
             max_sessions: a.max_sessions,
             max_payload: a.max_payload_mib << 20,
             max_in_flight: a.max_in_flight,
+            max_buffered: a.max_buffered_mib.max(1) << 20,
         },
         shm_path: a.shm,
         resolver: None,
