@@ -386,17 +386,12 @@ fn guest_local(input: &Input, frames: u32, pace: Option<Duration>) -> Result<Run
          x264enc tune=zerolatency speed-preset=ultrafast bitrate=4000 key-int-max=0 ! appsink name=sink sync=false",
         input.w, input.h
     );
-    let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow::anyhow!("pipeline"))?;
-    let src = pipeline
-        .by_name("src")
-        .context("appsrc")?
-        .downcast::<gst_app::AppSrc>()
-        .map_err(|_| anyhow::anyhow!("appsrc"))?;
+    let (pipeline, src) = launch(&desc)?;
     let sink = pipeline
         .by_name("sink")
         .context("appsink")?
         .downcast::<gst_app::AppSink>()
-        .map_err(|_| anyhow::anyhow!("appsink"))?;
+        .map_err(|_| anyhow::anyhow!("sink is not an appsink"))?;
     let pushed: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let rtt: Arc<Mutex<Vec<f64>>> = Arc::default();
     let (p2, r2) = (pushed.clone(), rtt.clone());
@@ -414,30 +409,67 @@ fn guest_local(input: &Input, frames: u32, pace: Option<Duration>) -> Result<Run
             })
             .build(),
     );
+    let (secs, cpu) = feed(&pipeline, &src, input, frames, pace, || pushed.lock().unwrap().push(Instant::now()))?;
+    pipeline.set_state(gst::State::Null)?;
+    let rtt = std::mem::take(&mut *rtt.lock().unwrap());
+    Ok(Run { frames, secs, rtt_ms: rtt, cpu: CpuSplit { host_ns: 0, guest_ns: cpu.guest_ns + cpu.host_ns } })
+}
+
+/// Parses a pipeline with an `appsrc name=src`.
+fn launch(desc: &str) -> Result<(gst::Pipeline, gst_app::AppSrc)> {
+    let pipeline =
+        gst::parse::launch(desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow::anyhow!("not a pipeline"))?;
+    let src = pipeline
+        .by_name("src")
+        .context("appsrc")?
+        .downcast::<gst_app::AppSrc>()
+        .map_err(|_| anyhow::anyhow!("src is not an appsrc"))?;
+    Ok((pipeline, src))
+}
+
+/// Plays `pipeline`, pushes `frames` into `src` (paced, or as fast as it takes
+/// them), ends the stream and waits for it to drain. Returns seconds and CPU.
+/// On failure the pipeline is stopped; on success the caller stops it (after
+/// reading any element stats).
+fn feed(
+    pipeline: &gst::Pipeline,
+    src: &gst_app::AppSrc,
+    input: &Input,
+    frames: u32,
+    pace: Option<Duration>,
+    mut on_push: impl FnMut(),
+) -> Result<(f64, CpuSplit)> {
     pipeline.set_state(gst::State::Playing)?;
     let mark = CpuMark::now();
     let start = Instant::now();
-    for i in 0..frames {
-        if let Some(p) = pace {
-            sleep_until(start + p * i);
+    let pushed = (|| -> Result<()> {
+        for i in 0..frames {
+            if let Some(p) = pace {
+                sleep_until(start + p * i);
+            }
+            let mut b = gst::Buffer::from_slice(input.frame(i).clone());
+            b.get_mut().expect("new buffer").set_pts(gst::ClockTime::from_nseconds(i as u64 * PACE.as_nanos() as u64));
+            on_push();
+            src.push_buffer(b)?;
         }
-        let mut b = gst::Buffer::from_slice(input.frame(i).clone());
-        b.get_mut().expect("new buffer").set_pts(gst::ClockTime::from_nseconds(i as u64 * PACE.as_nanos() as u64));
-        pushed.lock().unwrap().push(Instant::now());
-        src.push_buffer(b)?;
-    }
-    src.end_of_stream()?;
+        src.end_of_stream()?;
+        Ok(())
+    })();
     let bus = pipeline.bus().context("bus")?;
     let msg =
         bus.timed_pop_filtered(gst::ClockTime::from_seconds(120), &[gst::MessageType::Eos, gst::MessageType::Error]);
-    let secs = start.elapsed().as_secs_f64();
-    let cpu = mark.since();
-    pipeline.set_state(gst::State::Null)?;
-    if !matches!(msg.as_ref().map(|m| m.view()), Some(gst::MessageView::Eos(_))) {
-        bail!("guest x264enc pipeline failed");
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), mark.since());
+    let failure = match (pushed, msg.as_ref().map(|m| m.view())) {
+        (Ok(()), Some(gst::MessageView::Eos(_))) => None,
+        (_, Some(gst::MessageView::Error(e))) => Some(format!("{} ({:?})", e.error(), e.debug())),
+        (Err(e), _) => Some(e.to_string()),
+        (Ok(()), _) => Some("no end of stream within 120 s".into()),
+    };
+    if let Some(why) = failure {
+        let _ = pipeline.set_state(gst::State::Null);
+        bail!("pipeline failed: {why}");
     }
-    let rtt = std::mem::take(&mut *rtt.lock().unwrap());
-    Ok(Run { frames, secs, rtt_ms: rtt, cpu: CpuSplit { host_ns: 0, guest_ns: cpu.guest_ns + cpu.host_ns } })
+    Ok((secs, cpu))
 }
 
 /// The real element: `appsrc ! vsockenc ! fakesink` with `in_flight` frames
@@ -453,34 +485,10 @@ fn element(sock: &Path, input: &Input, frames: u32, in_flight: usize, pace: Opti
         input.h,
         sock.display()
     );
-    let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow::anyhow!("pipeline"))?;
-    let src = pipeline
-        .by_name("src")
-        .context("appsrc")?
-        .downcast::<gst_app::AppSrc>()
-        .map_err(|_| anyhow::anyhow!("appsrc"))?;
-    pipeline.set_state(gst::State::Playing)?;
-    let mark = CpuMark::now();
-    let start = Instant::now();
-    for i in 0..frames {
-        if let Some(p) = pace {
-            sleep_until(start + p * i);
-        }
-        let mut b = gst::Buffer::from_slice(input.frame(i).clone());
-        b.get_mut().expect("new buffer").set_pts(gst::ClockTime::from_nseconds(i as u64 * PACE.as_nanos() as u64));
-        src.push_buffer(b)?;
-    }
-    src.end_of_stream()?;
-    let bus = pipeline.bus().context("bus")?;
-    let msg =
-        bus.timed_pop_filtered(gst::ClockTime::from_seconds(120), &[gst::MessageType::Eos, gst::MessageType::Error]);
-    let secs = start.elapsed().as_secs_f64();
-    let cpu = mark.since();
+    let (pipeline, src) = launch(&desc)?;
+    let (secs, cpu) = feed(&pipeline, &src, input, frames, pace, || {})?;
     let stats = pipeline.by_name("v").context("vsockenc")?.property::<gst::Structure>("stats");
     pipeline.set_state(gst::State::Null)?;
-    if !matches!(msg.as_ref().map(|m| m.view()), Some(gst::MessageView::Eos(_))) {
-        bail!("vsockenc pipeline failed");
-    }
     let answered = stats.get::<u64>("frames-answered")?;
     if answered != frames as u64 {
         bail!("vsockenc: {answered} of {frames} frames answered");
