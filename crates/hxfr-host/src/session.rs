@@ -217,16 +217,18 @@ impl Worker {
         )
     }
 
-    /// Guesses the frame rate from a frame's duration until CONFIG_REQ says.
+    /// Guesses the frame rate from the first frame's duration when no
+    /// CONFIG_REQ said. Only a new encoder takes the guess: damage-driven
+    /// sources (PipeWire) vary their durations, and rebuilding the encoder
+    /// for each change would cost an IDR every time.
     fn rate_from_duration(&mut self, duration: i64) {
-        if self.rate.explicit || duration <= 0 {
+        if self.rate.explicit || self.encoder.is_some() || duration <= 0 {
             return;
         }
         let fps = (1e9 / duration as f64).round() as u32;
-        if (1..=240).contains(&fps) && fps != self.rate.fps_num {
+        if (1..=240).contains(&fps) {
             self.rate.fps_num = fps;
             self.rate.fps_den = 1;
-            self.encoder = None;
         }
     }
 

@@ -588,3 +588,19 @@ fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn varying_frame_durations_do_not_restart_the_encoder() {
+    // A damage-driven source: durations jump around; only the first frame is an IDR.
+    let host = Host::x264();
+    let mut c = host.connect(&host.unix_addr());
+    for (i, d) in [33_333_333i64, 16_666_666, 100_000_000, 41_000_000, 33_333_333, 8_000_000].into_iter().enumerate() {
+        let px = frame_pixels(PixelFormat::Bgrx, 320, 240, 1280, i as u32);
+        let mut p = inline_request(1, Shape(PixelFormat::Bgrx, 320, 240, 1280), i as u32, false, px);
+        if let Message::FrameRequest(r) = &mut p.message {
+            r.duration = d;
+        }
+        c.send(&p).unwrap();
+        assert_eq!(response(c.recv().unwrap()).is_keyframe, i == 0, "frame {i}");
+    }
+}
