@@ -86,7 +86,7 @@ where
             Ok(Some(Err(e))) => {
                 // Framing lost (or the socket failed): nothing more can be trusted.
                 match e {
-                    DecodeError::Io(e) => debug!(conn = conn_id, "read failed: {e}"),
+                    DecodeError::Io { message, .. } => debug!(conn = conn_id, "read failed: {message}"),
                     e => warn!(conn = conn_id, "closing: {e}"),
                 }
                 break;

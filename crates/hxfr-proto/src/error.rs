@@ -22,20 +22,25 @@ pub enum DecodeError {
     TrailingBytes(usize),
     #[error("lost framing; skipped {0} bytes to the next magic")]
     Resynced(usize),
-    #[error("i/o: {0}")]
-    Io(String),
+    #[error("i/o: {message}")]
+    Io { kind: std::io::ErrorKind, message: String },
 }
 
 impl DecodeError {
+    /// A read timed out (SO_RCVTIMEO gives EAGAIN on Linux, TimedOut elsewhere).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, DecodeError::Io { kind: std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, .. })
+    }
+
     /// True when framing is lost and the byte stream cannot be trusted any more.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, DecodeError::BadMagic(_) | DecodeError::PayloadTooLarge { .. } | DecodeError::Io(_))
+        matches!(self, DecodeError::BadMagic(_) | DecodeError::PayloadTooLarge { .. } | DecodeError::Io { .. })
     }
 }
 
 impl From<std::io::Error> for DecodeError {
     fn from(e: std::io::Error) -> Self {
-        DecodeError::Io(e.to_string())
+        DecodeError::Io { kind: e.kind(), message: e.to_string() }
     }
 }
 

@@ -410,7 +410,10 @@ fn blocking_io_round_trip_over_a_socket_pair() {
         assert_eq!(io::read_packet(&mut b, &mut dec, &mut buf).unwrap(), p);
     }
     t.join().unwrap();
-    assert!(matches!(io::read_packet(&mut b, &mut dec, &mut buf), Err(DecodeError::Io(_))));
+    assert!(matches!(
+        io::read_packet(&mut b, &mut dec, &mut buf),
+        Err(DecodeError::Io { kind: std::io::ErrorKind::UnexpectedEof, .. })
+    ));
 }
 
 #[test]
