@@ -133,14 +133,11 @@ impl Link {
             q.pending.push_back(pending);
             q.outstanding += 1;
         }
-        self.tx.send(packet).map_err(|e| {
-            let why = format!("sending to {}: {e}", self.addr);
-            self.kill(&why);
-            WaitError::Dead(why)
-        })
+        self.send_control(packet)
     }
 
-    /// Sends a message that gets no frame answer (KEYFRAME_REQ, CONFIG_REQ).
+    /// Sends a message without queuing an expected answer (KEYFRAME_REQ,
+    /// CONFIG_REQ); a failed write kills the link.
     pub fn send_control(&mut self, packet: &Packet) -> Result<(), WaitError> {
         self.tx.send(packet).map_err(|e| {
             let why = format!("sending to {}: {e}", self.addr);
@@ -228,7 +225,7 @@ fn read_loop(mut rx: Receiver, shared: Shared, sink: Arc<dyn AnswerSink>, sessio
                 sink.other(Packet::error(0, -1, format!("unreadable message from host: {e}")));
                 continue;
             }
-            Err(DecodeError::Io(e)) => break format!("connection to host lost: {e}"),
+            Err(DecodeError::Io { message, .. }) => break format!("connection to host lost: {message}"),
             Err(e) => break format!("host sent a broken stream: {e}"),
         };
         let answer = match packet.message {
