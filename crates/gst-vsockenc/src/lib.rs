@@ -8,7 +8,7 @@ use gst::glib;
 
 pub mod drm;
 pub mod link;
-pub mod shm;
+pub use hxfr_guest::shm;
 mod vsockenc;
 
 pub use vsockenc::{Mode, VsockEnc};

@@ -1,6 +1,9 @@
 //! The guest's end of HXFR: where the host is ([`HostAddr`]), a blocking
-//! [`Connection`] to it, and nothing else. The GStreamer element and the
-//! static guest test program both build on this.
+//! [`Connection`] to it, and the guest's view of a shared-memory region
+//! ([`shm`]). The GStreamer element and the static guest program that the
+//! VM tests boot (`hxfr-vmguest`) both build on this.
+
+pub mod shm;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -82,7 +85,9 @@ pub enum Transport {
     Tcp(TcpStream),
     Unix(UnixStream),
     Vsock(vsock::VsockStream),
-    Serial(File),
+    /// A virtio-serial port and its read timeout (a character device has no
+    /// SO_RCVTIMEO: reads poll() first).
+    Serial(File, Option<Duration>),
 }
 
 impl Transport {
@@ -109,24 +114,29 @@ impl Transport {
             HostAddr::Vsock(cid, port) => {
                 Transport::Vsock(vsock::VsockStream::connect(&vsock::VsockAddr::new(*cid, *port)).map_err(err)?)
             }
-            HostAddr::Serial(p) => Transport::Serial(OpenOptions::new().read(true).write(true).open(p).map_err(err)?),
+            HostAddr::Serial(p) => {
+                Transport::Serial(OpenOptions::new().read(true).write(true).open(p).map_err(err)?, None)
+            }
         };
         Ok(t)
     }
 
     /// A byte stream whose framing can be lost across restarts (virtio-serial).
     pub fn needs_resync(&self) -> bool {
-        matches!(self, Transport::Serial(_))
+        matches!(self, Transport::Serial(..))
     }
 
-    /// Read timeout for sockets. A serial port (a character device) has none:
-    /// reads there block until bytes arrive (not yet handled: see issue 7).
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    /// Read timeout: a read that waits longer fails with `WouldBlock`, on
+    /// sockets (SO_RCVTIMEO) and serial ports (poll) alike.
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Transport::Tcp(s) => s.set_read_timeout(t),
             Transport::Unix(s) => s.set_read_timeout(t),
             Transport::Vsock(s) => s.set_read_timeout(t),
-            Transport::Serial(_) => Ok(()),
+            Transport::Serial(_, timeout) => {
+                *timeout = t;
+                Ok(())
+            }
         }
     }
 
@@ -135,7 +145,7 @@ impl Transport {
             Transport::Tcp(s) => Transport::Tcp(s.try_clone()?),
             Transport::Unix(s) => Transport::Unix(s.try_clone()?),
             Transport::Vsock(s) => Transport::Vsock(s.try_clone()?),
-            Transport::Serial(f) => Transport::Serial(f.try_clone()?),
+            Transport::Serial(f, t) => Transport::Serial(f.try_clone()?, *t),
         })
     }
 
@@ -145,7 +155,7 @@ impl Transport {
             Transport::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Transport::Unix(s) => s.shutdown(std::net::Shutdown::Both),
             Transport::Vsock(s) => s.shutdown(std::net::Shutdown::Both),
-            Transport::Serial(_) => Ok(()),
+            Transport::Serial(..) => Ok(()),
         };
     }
 }
@@ -156,7 +166,12 @@ impl Read for Transport {
             Transport::Tcp(s) => s.read(buf),
             Transport::Unix(s) => s.read(buf),
             Transport::Vsock(s) => s.read(buf),
-            Transport::Serial(f) => f.read(buf),
+            Transport::Serial(f, timeout) => {
+                if let Some(t) = timeout {
+                    wait_readable(f.as_raw_fd(), *t)?;
+                }
+                f.read(buf)
+            }
         }
     }
 }
@@ -167,7 +182,29 @@ impl Transport {
             Transport::Tcp(s) => Some(s.as_raw_fd()),
             Transport::Unix(s) => Some(s.as_raw_fd()),
             Transport::Vsock(s) => Some(s.as_raw_fd()),
-            Transport::Serial(_) => None,
+            Transport::Serial(..) => None,
+        }
+    }
+}
+
+/// Waits until `fd` has something to read (or its peer hung up, which the
+/// read then reports); `WouldBlock` after `timeout`, as a socket would.
+fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            0 => return Err(io::Error::new(io::ErrorKind::WouldBlock, "read timed out")),
+            n if n > 0 => return Ok(()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
         }
     }
 }
@@ -194,7 +231,7 @@ impl Write for Transport {
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match (self.socket_fd(), self) {
             (Some(fd), _) => send_nosignal(fd, bufs),
-            (None, Transport::Serial(f)) => f.write_vectored(bufs),
+            (None, Transport::Serial(f, _)) => f.write_vectored(bufs),
             (None, _) => unreachable!("every socket has an fd"),
         }
     }
@@ -215,6 +252,12 @@ impl Sender {
         hxfr_proto::io::write_packet(&mut self.t, p, &mut self.scratch)
     }
 
+    /// Writes bytes as they are, framing or not: for tests that cut a
+    /// message short, as a guest that crashes mid-send does.
+    pub fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.t.write_all(bytes)
+    }
+
     pub fn transport(&self) -> &Transport {
         &self.t
     }
@@ -232,6 +275,11 @@ impl Receiver {
     /// Non-fatal decode errors are returned; the stream stays usable after them.
     pub fn recv(&mut self) -> Result<Packet, DecodeError> {
         hxfr_proto::io::read_packet(&mut self.t, &mut self.dec, &mut self.buf)
+    }
+
+    /// How long [`Receiver::recv`] may wait (None: for ever).
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.t.set_read_timeout(t)
     }
 }
 
@@ -330,6 +378,32 @@ mod tests {
         for ok in ["tcp:[::1]:5", "vsock:2:5000", "unix:/x"] {
             assert_eq!(ok.parse::<HostAddr>().unwrap().to_string(), ok);
         }
+    }
+}
+
+#[cfg(test)]
+mod serial_tests {
+    use super::*;
+
+    /// A character device has no SO_RCVTIMEO: the read timeout must still
+    /// hold (a FIFO stands in for the virtio-serial port).
+    #[test]
+    fn serial_reads_honour_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("port");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut t = Transport::connect(&HostAddr::Serial(fifo.clone()), Duration::from_secs(1)).unwrap();
+        t.set_read_timeout(Some(Duration::from_millis(150))).unwrap();
+        let start = Instant::now();
+        let e = t.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(start.elapsed() >= Duration::from_millis(140), "{:?}", start.elapsed());
+        t.write_all(b"HXFR").unwrap();
+        let mut got = [0u8; 4];
+        t.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"HXFR");
     }
 }
 

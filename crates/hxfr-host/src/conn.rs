@@ -6,16 +6,18 @@
 //! session threads through one bounded channel to the writer.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
 use hxfr_proto::{
     DecodeError, ErrorCode, FrameDecoder, HelloResp, HxfrCodec, Message, PROTOCOL_VERSION, Packet, features, msg_type,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,11 @@ use crate::session::{self, Job, SessionHandle};
 
 /// A message that has started arriving must finish within this time.
 const PARTIAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// On a virtio-serial port a guest that dies mid-message does not close
+/// anything: the rest of its message never comes, and its successor's bytes
+/// would be taken as that message's payload. So a message that stops
+/// arriving for this long is dropped and the decoder hunts for the next magic.
+const SERIAL_STALL: Duration = Duration::from_secs(2);
 /// "No limit" for an idle connection (a static desktop sends nothing).
 const IDLE_FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// A guest that does not read its answers for this long is gone.
@@ -62,6 +69,9 @@ where
     let cancel = CancellationToken::new();
     let writer = tokio::spawn(write_loop(wr, out_rx, epoch.clone(), cancel.clone(), conn_id));
     let decoder = FrameDecoder::new(ctx.config.limits.max_payload).resynchronising(kind == StreamKind::Serial);
+    let start = Instant::now();
+    let last_read = Arc::new(AtomicU64::new(0));
+    let rd = Progress { inner: rd, start, last_read: last_read.clone() };
     let mut framed = FramedRead::with_capacity(rd, HxfrCodec::new(decoder), 256 * 1024);
     let mut conn = Conn { ctx: ctx.clone(), conn_id, peer, sessions: HashMap::new(), out: out_tx, epoch };
 
@@ -69,12 +79,31 @@ where
     loop {
         let mid_message = framed.decoder().decoder.is_mid_message() || !framed.read_buffer().is_empty();
         // Idle guests may wait as long as they like; a half-sent message may not.
-        let limit = if mid_message { PARTIAL_TIMEOUT } else { IDLE_FOREVER };
+        let limit = match (mid_message, kind) {
+            (false, _) => IDLE_FOREVER,
+            (true, StreamKind::Serial) => SERIAL_STALL,
+            (true, StreamKind::Socket) => PARTIAL_TIMEOUT,
+        };
         let next = tokio::select! {
             _ = cancel.cancelled() => break,
             n = tokio::time::timeout(limit, framed.next()) => n,
         };
         match next {
+            Err(_) if kind == StreamKind::Serial => {
+                let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_read.load(Ordering::Relaxed)));
+                if quiet < SERIAL_STALL {
+                    continue; // a big message still arriving
+                }
+                // FramedRead lends its codec and its buffer one at a time.
+                let mut decoder = framed.decoder().decoder.clone();
+                let dropped = decoder.abandon(framed.read_buffer_mut());
+                framed.decoder_mut().decoder = decoder;
+                warn!(
+                    conn = conn_id,
+                    "dropped a message cut off {}s ago (guest restarted?): {dropped} bytes",
+                    quiet.as_secs()
+                );
+            }
             Err(_) => {
                 warn!(conn = conn_id, "closing: a message stalled half-sent for {}s", PARTIAL_TIMEOUT.as_secs());
                 break;
@@ -111,6 +140,24 @@ where
     drop(conn);
     let _ = writer.await;
     info!(conn = conn_id, "guest disconnected");
+}
+
+/// The connection's reader, noting when bytes last arrived (ms since `start`).
+struct Progress<R> {
+    inner: R,
+    start: Instant,
+    last_read: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Progress<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last_read.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        r
+    }
 }
 
 struct Conn {

@@ -57,11 +57,11 @@ impl Host {
 }
 
 trait RxTimeout {
-    fn rx_timeout(&self, t: Duration);
+    fn rx_timeout(&mut self, t: Duration);
 }
 impl RxTimeout for Connection {
-    fn rx_timeout(&self, t: Duration) {
-        self.tx.transport().set_read_timeout(Some(t)).unwrap();
+    fn rx_timeout(&mut self, t: Duration) {
+        self.rx.set_timeout(Some(t)).unwrap();
     }
 }
 

@@ -78,6 +78,17 @@ impl FrameDecoder {
         self.pending = None;
     }
 
+    /// Gives up on the message at the front of `buf` (its sender died half-way
+    /// through it): drops what arrived of it, up to the next possible magic,
+    /// and returns how many bytes went. For resynchronising streams, where
+    /// the restarted sender's next message follows the cut-off one.
+    pub fn abandon(&mut self, buf: &mut BytesMut) -> usize {
+        // With a header taken, `buf` holds only payload: a magic at its very
+        // front may already be the next message.
+        let from = if self.pending.take().is_some() { 0 } else { 1 };
+        skip_to_magic_from(buf, from)
+    }
+
     /// Takes one message off the front of `buf`.
     ///
     /// `Ok(None)`: more bytes are needed. `Err(e)` with `!e.is_fatal()`: one
@@ -127,7 +138,15 @@ impl FrameDecoder {
 /// least one byte, so a bad header at offset 0 is always left behind); keeps a
 /// partial magic at the end. Returns how many bytes were dropped.
 fn skip_to_magic(buf: &mut BytesMut) -> usize {
-    let from = 1;
+    skip_to_magic_from(buf, 1)
+}
+
+fn skip_to_magic_from(buf: &mut BytesMut, from: usize) -> usize {
+    if buf.len() <= from {
+        let n = buf.len();
+        buf.clear();
+        return n;
+    }
     let found = buf[from..].windows(MAGIC_BYTES.len()).position(|w| w == MAGIC_BYTES).map(|p| p + from);
     let cut = match found {
         Some(p) => p,
@@ -165,5 +184,28 @@ mod tests {
         let mut d = FrameDecoder::default().resynchronising(true);
         assert_eq!(d.decode(&mut b), Err(DecodeError::Resynced(15)));
         assert_eq!(d.decode(&mut b).unwrap(), Some(Packet::new(3, Message::Ping)));
+    }
+
+    /// A sender that died mid-payload and came back: the cut-off message is
+    /// dropped and the restarted sender's first message decodes.
+    #[test]
+    fn abandon_drops_a_cut_off_message() {
+        let mut big = BytesMut::new();
+        Packet::new(1, Message::Error { code: -1, message: "x".repeat(200) }).encode(&mut big);
+        let mut ping = BytesMut::new();
+        Packet::new(2, Message::Ping).encode(&mut ping);
+        let mut d = FrameDecoder::default().resynchronising(true);
+        let mut b = BytesMut::from(&big[..HEADER_LEN + 50]);
+        assert_eq!(d.decode(&mut b), Ok(None));
+        assert!(d.is_mid_message());
+        assert_eq!(d.abandon(&mut b), 50);
+        assert!(!d.is_mid_message());
+        b.extend_from_slice(&ping);
+        assert_eq!(d.decode(&mut b).unwrap(), Some(Packet::new(2, Message::Ping)));
+        // A half header is dropped too.
+        let mut b = BytesMut::from(&big[..10]);
+        assert_eq!(d.decode(&mut b), Ok(None));
+        assert_eq!(d.abandon(&mut b), 10);
+        assert!(b.is_empty());
     }
 }

@@ -1,8 +1,13 @@
 //! Test media shared by hxfr's tests and benchmarks: frames to send, a real
-//! decoder for what comes back, and PSNR to compare the two.
+//! decoder for what comes back, and PSNR to compare the two. Without the
+//! default `decode` feature it needs no GStreamer (the static guest program
+//! that the VM tests boot draws its frames with it).
 
+#[cfg(feature = "decode")]
 use bytes::Bytes;
+#[cfg(feature = "decode")]
 use gst::prelude::*;
+#[cfg(feature = "decode")]
 use gst_video::prelude::*;
 
 /// Which kind of picture a pattern draws.
@@ -101,6 +106,7 @@ pub enum Output {
 
 /// Decodes a whole Annex-B stream (one access unit per entry) with
 /// GStreamer's `h264parse ! avdec_h264` and returns every picture.
+#[cfg(feature = "decode")]
 pub fn decode_h264(aus: &[Bytes], output: Output) -> Result<Vec<Picture>, String> {
     gst::init().map_err(|e| e.to_string())?;
     let fmt = match output {
@@ -151,6 +157,7 @@ pub fn decode_h264(aus: &[Bytes], output: Output) -> Result<Vec<Picture>, String
 }
 
 /// Copies a mapped frame into a tightly packed picture.
+#[cfg(feature = "decode")]
 fn pack(frame: &gst_video::VideoFrameRef<&gst::BufferRef>) -> Picture {
     let (w, h) = (frame.width(), frame.height());
     let mut data = Vec::new();

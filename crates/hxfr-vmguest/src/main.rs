@@ -1,0 +1,328 @@
+//! `hxfr-vmguest`: the guest half of the VM tests (`make vm-test`).
+//!
+//! It runs inside a busybox guest under QEMU, so it is built static and
+//! depends on nothing but the crates vsockenc itself uses to reach the host
+//! (hxfr-guest, hxfr-proto). It sends `--frames` test frames (inline or
+//! through an ivshmem region), writes each answer to `--out` as a record
+//! `[pts u32 LE][len u32 LE][Annex-B access unit]` for the test to decode
+//! on the host, and ends with one line the test reads:
+//!
+//! `HXFR-VMGUEST-RESULT frames=N answered=N errors=0 order_errors=0 reconnects=0 keyframes=1 bytes=…`
+//!
+//! When the host goes away (restarted, or a virtio-serial port whose other
+//! end closed) it reconnects, says HELLO again and resends every frame not
+//! yet answered, as vsockenc's users would want.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use hxfr_guest::shm::{self, Region};
+use hxfr_guest::{Connection, HostAddr};
+use hxfr_proto::{FrameRequest, Layout, Message, Packet, PixelFormat, ShmFrameRequest, ShmPlane, features};
+use hxfr_testkit::{Content, pattern_bgrx, pattern_nv12};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Send test frames to an hxfr host from inside a VM")]
+struct Args {
+    /// tcp:HOST:PORT, unix:PATH, vsock:CID:PORT or serial:PATH
+    #[arg(long)]
+    host: HostAddr,
+    #[arg(long, default_value_t = 30)]
+    frames: u32,
+    #[arg(long, default_value = "320x240")]
+    size: String,
+    /// bgrx or nv12
+    #[arg(long, default_value = "bgrx")]
+    format: String,
+    /// Send frames through shared memory: a path, or `auto` for the first
+    /// ivshmem-plain device's BAR 2.
+    #[arg(long)]
+    shm: Option<String>,
+    /// Where the answers go (a virtio-serial port backed by a file on the host).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Frames sent ahead of their answers (capped by what the host allows).
+    #[arg(long, default_value_t = 2)]
+    in_flight: u32,
+    /// Pause between frames, in ms (the tests use it to restart the host mid-stream).
+    #[arg(long, default_value_t = 0)]
+    pace_ms: u64,
+    /// Die half-way through sending this frame (a guest that crashes mid-message).
+    #[arg(long)]
+    die_mid_frame: Option<u32>,
+    /// Seconds to wait for an answer before starting the conversation over.
+    #[arg(long, default_value_t = 10)]
+    reply_timeout: u64,
+    /// Give up after this many seconds in all.
+    #[arg(long, default_value_t = 240)]
+    deadline: u64,
+}
+
+struct Frames {
+    format: PixelFormat,
+    width: u32,
+    height: u32,
+    stride: u32,
+}
+
+impl Frames {
+    fn bytes(&self) -> usize {
+        Layout::inline(self.format, self.width, self.height, self.stride).plane_end(self.format.num_planes() - 1)
+            as usize
+    }
+
+    fn pixels(&self, i: u32) -> Vec<u8> {
+        match self.format {
+            PixelFormat::Nv12 => pattern_nv12(self.width, self.height, self.stride as usize, i),
+            _ => pattern_bgrx(Content::Motion, self.width, self.height, self.stride as usize, i),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    answered: u32,
+    errors: u32,
+    order_errors: u32,
+    reconnects: u32,
+    keyframes: u32,
+    bytes: u64,
+}
+
+fn log(msg: impl std::fmt::Display) {
+    eprintln!("hxfr-vmguest: {msg}");
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(t) => {
+            println!(
+                "HXFR-VMGUEST-RESULT frames={} answered={} errors={} order_errors={} reconnects={} keyframes={} bytes={}",
+                args.frames, t.answered, t.errors, t.order_errors, t.reconnects, t.keyframes, t.bytes
+            );
+            if t.answered == args.frames && t.errors == 0 && t.order_errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            log(format!("error: {e}"));
+            println!("HXFR-VMGUEST-RESULT failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<Tally, String> {
+    let (width, height) = args
+        .size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .ok_or_else(|| format!("--size {:?}: expected WIDTHxHEIGHT", args.size))?;
+    let (format, bpp) = match args.format.as_str() {
+        "bgrx" => (PixelFormat::Bgrx, 4),
+        "nv12" => (PixelFormat::Nv12, 1),
+        f => return Err(format!("--format {f:?}: expected bgrx or nv12")),
+    };
+    let frames = Frames { format, width, height, stride: width * bpp };
+    let shm_path = match args.shm.as_deref() {
+        None => None,
+        Some("auto") => Some(shm::find_ivshmem(Path::new("/sys")).ok_or("no ivshmem-plain device in /sys")?),
+        Some(p) => Some(PathBuf::from(p)),
+    };
+    if let Some(p) = &shm_path {
+        enable_pci_device(p);
+    }
+    let mut out = match &args.out {
+        Some(p) => Some(File::create(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(args.deadline);
+    let mut t = Tally::default();
+    let mut next = 0u32; // the first frame without an answer
+    let mut first = true;
+    let mut last_err = String::new();
+    // Retries repeat the same failure: say it once.
+    let mut say = |e: String| {
+        if e != last_err {
+            log(&e);
+            last_err = e;
+        }
+    };
+    'conversation: while next < args.frames {
+        if Instant::now() > deadline {
+            return Err(format!("gave up after {}s with {next} of {} frames answered", args.deadline, args.frames));
+        }
+        if !first {
+            t.reconnects += 1;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        first = false;
+        let mut conn = match Connection::connect(&args.host, Duration::from_secs(5)) {
+            Ok(c) => c,
+            Err(e) => {
+                say(e.to_string());
+                continue;
+            }
+        };
+        let wanted = if shm_path.is_some() { features::SHM } else { 0 };
+        let hello = match conn.hello(wanted, Duration::from_secs(3)) {
+            Ok(h) => h,
+            Err(e) => {
+                say(format!("HELLO: {e}"));
+                continue;
+            }
+        };
+        log(format!(
+            "host speaks version {}, features {:#x}, {} frames in flight, shared memory {} bytes",
+            hello.version, hello.features, hello.max_in_flight, hello.shm_size
+        ));
+        let mut window = args.in_flight.min(hello.max_in_flight).max(1);
+        let mut region = match &shm_path {
+            Some(p) => {
+                if hello.features & features::SHM == 0 {
+                    return Err("the host does not serve shared-memory frames (start it with --shm)".into());
+                }
+                let r =
+                    Region::open(p, frames.bytes(), window as usize).map_err(|e| format!("{}: {e}", p.display()))?;
+                window = window.min(r.areas as u32);
+                Some(r)
+            }
+            None => None,
+        };
+        conn.rx.set_timeout(Some(Duration::from_secs(args.reply_timeout))).map_err(|e| e.to_string())?;
+
+        let mut sent = next;
+        loop {
+            while sent < args.frames && sent - next < window {
+                if args.die_mid_frame == Some(sent) {
+                    let mut p = Vec::new();
+                    let packet = inline_request(&frames, sent);
+                    let mut b = bytes::BytesMut::new();
+                    packet.encode(&mut b);
+                    p.extend_from_slice(&b[..b.len() / 2]);
+                    let _ = conn.tx.write_raw(&p);
+                    log(format!("dying half-way through frame {sent}"));
+                    std::process::exit(3);
+                }
+                let packet = match region.as_mut() {
+                    Some(r) => shm_request(&frames, r, sent, window),
+                    None => inline_request(&frames, sent),
+                };
+                if let Err(e) = conn.send(&packet) {
+                    log(format!("send: {e}"));
+                    continue 'conversation;
+                }
+                sent += 1;
+                if args.pace_ms > 0 {
+                    std::thread::sleep(Duration::from_millis(args.pace_ms));
+                }
+            }
+            if next == args.frames {
+                break 'conversation;
+            }
+            match conn.recv() {
+                Ok(Packet { message: Message::FrameResponse(r), .. }) => {
+                    if r.pts != next as i64 {
+                        log(format!("answer for frame {} while waiting for {next}", r.pts));
+                        t.order_errors += 1;
+                    }
+                    let au = r.to_annex_b();
+                    t.keyframes += r.is_keyframe as u32;
+                    t.bytes += au.len() as u64;
+                    if let Some(o) = out.as_mut() {
+                        write_record(o, next, &au).map_err(|e| format!("--out: {e}"))?;
+                    }
+                    t.answered += 1;
+                    next += 1;
+                    if next % 10 == 0 || next == args.frames {
+                        log(format!("{next} of {} frames answered", args.frames));
+                    }
+                }
+                Ok(Packet { message: Message::Error { code, message }, .. }) => {
+                    log(format!("host refused frame {next}: ERROR {code}: {message}"));
+                    t.errors += 1;
+                    next += 1;
+                }
+                Ok(_) => {}
+                Err(e) if e.is_timeout() => {
+                    log(format!("no answer for frame {next} in {}s: starting over", args.reply_timeout));
+                    continue 'conversation;
+                }
+                Err(e) if e.is_fatal() => {
+                    log(format!("host connection lost: {e}"));
+                    continue 'conversation;
+                }
+                Err(e) => log(format!("skipped a bad message: {e}")),
+            }
+        }
+    }
+    if let Some(o) = out.as_mut() {
+        o.flush().map_err(|e| format!("--out: {e}"))?;
+    }
+    Ok(t)
+}
+
+fn inline_request(f: &Frames, i: u32) -> Packet {
+    Packet::new(
+        1,
+        Message::FrameRequest(FrameRequest {
+            resource_id: 0,
+            width: f.width,
+            height: f.height,
+            format: f.format.fourcc(),
+            stride: f.stride,
+            pts: i as i64,
+            duration: 33_333_333,
+            force_keyframe: false,
+            pixels: Some(Bytes::from(f.pixels(i))),
+        }),
+    )
+}
+
+/// Frame `i` goes into area `i % window`: the host has answered the frame
+/// that used it before, or it could not be in flight.
+fn shm_request(f: &Frames, r: &mut Region, i: u32, window: u32) -> Packet {
+    let (offset, area) = r.area((i % window) as usize);
+    let px = f.pixels(i);
+    area[..px.len()].copy_from_slice(&px);
+    let l = Layout::inline(f.format, f.width, f.height, f.stride);
+    let plane = |p: usize| ShmPlane { offset: offset + l.offsets[p], stride: l.strides[p] as u32 };
+    Packet::new(
+        1,
+        Message::ShmFrameRequest(ShmFrameRequest {
+            width: f.width,
+            height: f.height,
+            format: f.format.fourcc(),
+            planes: [plane(0), plane(1)],
+            num_planes: f.format.num_planes() as u32,
+            pts: i as i64,
+            duration: 33_333_333,
+            force_keyframe: false,
+        }),
+    )
+}
+
+fn write_record(o: &mut File, pts: u32, au: &[u8]) -> std::io::Result<()> {
+    o.write_all(&pts.to_le_bytes())?;
+    o.write_all(&(au.len() as u32).to_le_bytes())?;
+    o.write_all(au)
+}
+
+/// A PCI BAR only decodes once the device's memory space is on; with no
+/// driver bound that is the guest's job (`/sys/bus/pci/devices/X/enable`).
+fn enable_pci_device(resource: &Path) {
+    if let Some(dev) = resource.parent().filter(|d| d.join("enable").exists()) {
+        if let Err(e) = std::fs::write(dev.join("enable"), "1") {
+            log(format!("{}: {e}", dev.join("enable").display()));
+        }
+    }
+}
