@@ -33,8 +33,6 @@ const PARTIAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// would be taken as that message's payload. So a message that stops
 /// arriving for this long is dropped and the decoder hunts for the next magic.
 const SERIAL_STALL: Duration = Duration::from_secs(2);
-/// "No limit" for an idle connection (a static desktop sends nothing).
-const IDLE_FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// A guest that does not read its answers for this long is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Answers waiting for the writer, across all sessions of a connection.
@@ -76,23 +74,29 @@ where
     let mut conn = Conn { ctx: ctx.clone(), conn_id, peer, sessions: HashMap::new(), out: out_tx, epoch };
 
     let mut clean_eof = false;
+    // Idle guests may wait as long as they like (a static desktop sends
+    // nothing); a message that stops arriving half-way may not. The check
+    // runs every `stall`, on how long the stream has been silent.
+    let stall = match kind {
+        StreamKind::Serial => SERIAL_STALL,
+        StreamKind::Socket => PARTIAL_TIMEOUT,
+    };
+    let mid_message =
+        |f: &FramedRead<_, HxfrCodec>| f.decoder().decoder.is_mid_message() || !f.read_buffer().is_empty();
     loop {
-        let mid_message = framed.decoder().decoder.is_mid_message() || !framed.read_buffer().is_empty();
-        // Idle guests may wait as long as they like; a half-sent message may not.
-        let limit = match (mid_message, kind) {
-            (false, _) => IDLE_FOREVER,
-            (true, StreamKind::Serial) => SERIAL_STALL,
-            (true, StreamKind::Socket) => PARTIAL_TIMEOUT,
-        };
         let next = tokio::select! {
             _ = cancel.cancelled() => break,
-            n = tokio::time::timeout(limit, framed.next()) => n,
+            n = tokio::time::timeout(stall, framed.next()) => n,
         };
         match next {
-            Err(_) if kind == StreamKind::Serial => {
+            Err(_) => {
                 let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_read.load(Ordering::Relaxed)));
-                if quiet < SERIAL_STALL {
-                    continue; // a big message still arriving
+                if !mid_message(&framed) || quiet < stall {
+                    continue; // idle, or a big message still arriving
+                }
+                if kind == StreamKind::Socket {
+                    warn!(conn = conn_id, "closing: a message stalled half-sent for {}s", quiet.as_secs());
+                    break;
                 }
                 // FramedRead lends its codec and its buffer one at a time.
                 let mut decoder = framed.decoder().decoder.clone();
@@ -104,12 +108,8 @@ where
                     quiet.as_secs()
                 );
             }
-            Err(_) => {
-                warn!(conn = conn_id, "closing: a message stalled half-sent for {}s", PARTIAL_TIMEOUT.as_secs());
-                break;
-            }
             Ok(None) => {
-                clean_eof = !mid_message;
+                clean_eof = !mid_message(&framed);
                 break;
             }
             Ok(Some(Err(e))) => {

@@ -247,7 +247,9 @@ impl Worker {
             Ok(out) => {
                 self.force_next = false;
                 self.errors_in_row = 0;
-                let bytes_in = layout.plane_end(layout.format.num_planes() - 1) as usize;
+                // The frame's own bytes: shared-memory planes sit at offsets in the region.
+                let bytes_in =
+                    (0..layout.format.num_planes()).map(|p| (layout.plane_end(p) - layout.offsets[p]) as usize).sum();
                 self.stats.lock().unwrap().record_encode(started.elapsed(), bytes_in, out.data.len(), out.keyframe);
                 Packet::new(
                     self.session_id,

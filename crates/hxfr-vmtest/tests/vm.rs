@@ -1,0 +1,274 @@
+//! Guest and host across real virtual devices: QEMU boots a busybox guest
+//! whose `hxfr-vmguest` (built from hxfr-guest, the crate vsockenc uses) or
+//! `gst-launch-1.0 … vsockenc …` sends frames to an hxfr host on this machine
+//! through virtio-serial, user networking, ivshmem and vhost-user vsock.
+//! Every answer comes back into the guest, which writes it to a second
+//! virtio-serial port backed by a file; the test decodes that file and
+//! compares the pictures with what the guest sent.
+//!
+//! Needs the image from `scripts/vm/build.sh`; `make vm-test` runs both.
+#![cfg(feature = "vm")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hxfr_host::{HostConfig, HostHandle, ListenAddr};
+use hxfr_testkit::{Content, Output, decode_h264, pattern_bgrx, pattern_nv12, psnr};
+use hxfr_vmtest::{Daemon, Image, Qemu, read_records, split_access_units, wait_for_path};
+
+const W: u32 = 320;
+const H: u32 = 240;
+/// Helix's port name for frames.
+const PORT: &str = "com.helix.frame-export";
+/// Where the guest writes the answers it got (a file on the host).
+const OUT: &str = "org.hxfr.out";
+/// Longest a guest may take, boot to power-off, under TCG.
+const VM_TIMEOUT: Duration = Duration::from_secs(150);
+const MIN_PSNR: f64 = 30.0;
+
+fn host(listen: Vec<ListenAddr>, connect: Vec<PathBuf>, shm: Option<PathBuf>) -> HostHandle {
+    let cfg = HostConfig { encoder: hxfr_encode::EncoderKind::X264, shm_path: shm, ..HostConfig::default() };
+    hxfr_host::spawn(cfg, listen, connect).expect("host starts")
+}
+
+fn vmguest(host: &str, frames: u32, extra: &str) -> String {
+    format!("hxfr-vmguest --host {host} --frames {frames} --size {W}x{H} --out /dev/virtio-ports/{OUT} {extra}")
+}
+
+fn serial_addr() -> String {
+    format!("serial:/dev/virtio-ports/{PORT}")
+}
+
+/// Frames the host encoded, over all its sessions, and the bytes it sent.
+fn host_totals(h: &HostHandle) -> (u64, u64) {
+    h.stats().iter().fold((0, 0), |(f, b), s| (f + s.info.frames, b + s.info.bytes_out))
+}
+
+/// The guest's records: one per frame, in order, and each decodes to the
+/// picture the guest sent.
+fn check_answers(out: &Path, frames: u32, format: Output) -> Vec<Bytes> {
+    let records = read_records(out);
+    let pts: Vec<u32> = records.iter().map(|r| r.0).collect();
+    assert_eq!(pts, (0..frames).collect::<Vec<_>>(), "answers in the guest, in order");
+    let aus: Vec<Bytes> = records.into_iter().map(|r| r.1).collect();
+    let pictures = decode_h264(&aus, format).expect("decodes");
+    assert_eq!(pictures.len(), frames as usize, "one picture per access unit");
+    for (i, pic) in pictures.iter().enumerate() {
+        let (src, stride) = match format {
+            Output::Bgrx => (pattern_bgrx(Content::Motion, W, H, W as usize * 4, i as u32), W as usize * 4),
+            Output::Nv12 => (pattern_nv12(W, H, W as usize, i as u32), W as usize),
+        };
+        let db = psnr(format, &src, stride, pic);
+        assert!(db > MIN_PSNR, "frame {i}: PSNR {db:.1} dB");
+    }
+    aus
+}
+
+#[track_caller]
+fn assert_guest_ok(o: &hxfr_vmtest::Outcome, frames: u32) -> hxfr_vmtest::GuestResult {
+    let r = o.result.clone().unwrap_or_else(|| panic!("no result from the guest:\n{}", o.console));
+    assert_eq!(o.status, Some(0), "guest command failed:\n{}", o.console);
+    assert_eq!((r.frames, r.answered, r.errors, r.order_errors), (frames as u64, frames as u64, 0, 0), "{}", o.console);
+    r
+}
+
+/// Path 1: virtio-serial, the host connected to the port's chardev socket.
+#[test]
+fn virtio_serial_carries_frames_and_answers() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, out) = (dir.path().join("frame.sock"), dir.path().join("out.bin"));
+    let vm =
+        Qemu::new(&img, &img.guest).port_socket(PORT, &sock).port_file(OUT, &out).run(&vmguest(&serial_addr(), 30, ""));
+    let host = host(vec![], vec![sock], None);
+    let o = vm.finish(VM_TIMEOUT);
+    let r = assert_guest_ok(&o, 30);
+    check_answers(&out, 30, Output::Bgrx);
+    assert_eq!(host_totals(&host), (30, r.bytes), "the host's stats agree with the guest");
+}
+
+/// Path 2: TCP through QEMU user networking, to 10.0.2.2:15937 as Helix's
+/// test plan has it: QEMU turns it into a connection to this machine's
+/// 127.0.0.1:15937, where the host listens.
+#[test]
+fn user_networking_reaches_the_host_at_10_0_2_2() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.bin");
+    let host = hxfr_host::spawn(
+        HostConfig { encoder: hxfr_encode::EncoderKind::X264, ..HostConfig::default() },
+        vec![ListenAddr::default()],
+        vec![],
+    )
+    .expect("127.0.0.1:15937 is free (is an hxfr host already running?)");
+    let vm = Qemu::new(&img, &img.guest).user_net().port_file(OUT, &out).run(&vmguest("tcp:10.0.2.2:15937", 30, ""));
+    let o = vm.finish(VM_TIMEOUT);
+    let r = assert_guest_ok(&o, 30);
+    check_answers(&out, 30, Output::Bgrx);
+    assert_eq!(host_totals(&host), (30, r.bytes));
+    // QEMU's slirp made the connection, from this machine's loopback.
+    assert!(host.stats().iter().all(|s| s.info.peer.starts_with("tcp:127.0.0.1:")), "{:?}", host.stats());
+}
+
+/// Path 3: shared memory. The guest writes NV12 frames into ivshmem's BAR 2
+/// and names them over virtio-serial; the host reads the same backing file.
+#[test]
+fn ivshmem_frames_are_encoded_from_the_shared_file() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, out, shm) = (dir.path().join("frame.sock"), dir.path().join("out.bin"), dir.path().join("shm"));
+    std::fs::File::create(&shm).unwrap().set_len(16 << 20).unwrap();
+    let vm = Qemu::new(&img, &img.guest).port_socket(PORT, &sock).port_file(OUT, &out).ivshmem(&shm).run(&vmguest(
+        &serial_addr(),
+        30,
+        "--shm auto --format nv12",
+    ));
+    let host = host(vec![], vec![sock], Some(shm));
+    let o = vm.finish(VM_TIMEOUT);
+    let r = assert_guest_ok(&o, 30);
+    assert!(o.console.contains("shared memory 16777216 bytes"), "{}", o.console);
+    check_answers(&out, 30, Output::Nv12);
+    assert_eq!(host_totals(&host), (30, r.bytes));
+    let frame_bytes = (W * H * 3 / 2) as u64;
+    assert!(host.stats().iter().all(|s| s.info.bytes_in == 30 * frame_bytes), "{:?}", host.stats());
+}
+
+/// Path 4: vsock. vhost-device-vsock serves the guest's virtio-vsock device
+/// and turns connections to CID 2 port 5000 into connections to
+/// `<uds-path>_5000` on this machine, where the host listens.
+#[test]
+fn vsock_through_vhost_device_vsock() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (vhost, uds, out) = (dir.path().join("vhost.sock"), dir.path().join("vsock.sock"), dir.path().join("out.bin"));
+    let _backend = Daemon(
+        Command::new(&img.vhost_vsock)
+            .arg("--guest-cid=3")
+            .arg(format!("--socket={}", vhost.display()))
+            .arg(format!("--uds-path={}", uds.display()))
+            .spawn()
+            .expect("vhost-device-vsock"),
+    );
+    assert!(wait_for_path(&vhost, Duration::from_secs(10)), "vhost-device-vsock made no socket");
+    let host = host(vec![ListenAddr::Unix(dir.path().join("vsock.sock_5000"))], vec![], None);
+    let vm = Qemu::new(&img, &img.guest).vhost_vsock(&vhost).port_file(OUT, &out).run(&vmguest("vsock:2:5000", 30, ""));
+    let o = vm.finish(VM_TIMEOUT);
+    let r = assert_guest_ok(&o, 30);
+    check_answers(&out, 30, Output::Bgrx);
+    assert_eq!(host_totals(&host), (30, r.bytes));
+}
+
+/// A guest program that dies half-way through sending a frame leaves the
+/// host holding half a message on the port. The next program on the same
+/// port must get through: the host drops the cut-off message and the
+/// HELLO handshake skips the answers meant for the dead one.
+#[test]
+fn virtio_serial_recovers_from_a_guest_dying_mid_frame() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, out) = (dir.path().join("frame.sock"), dir.path().join("out.bin"));
+    let cmd = format!(
+        "hxfr-vmguest --host {s} --frames 8 --size {W}x{H} --die-mid-frame 4; echo first run ended: $?; {}",
+        vmguest(&serial_addr(), 20, ""),
+        s = serial_addr()
+    );
+    let vm = Qemu::new(&img, &img.guest).port_socket(PORT, &sock).port_file(OUT, &out).run(&cmd);
+    let host = host(vec![], vec![sock], None);
+    let o = vm.finish(VM_TIMEOUT);
+    assert!(o.console.contains("dying half-way through frame 4"), "{}", o.console);
+    assert!(o.console.contains("first run ended: 3"), "{}", o.console);
+    assert_guest_ok(&o, 20);
+    check_answers(&out, 20, Output::Bgrx);
+    let (frames, _) = host_totals(&host);
+    assert!((24..=26).contains(&frames), "4 frames of the first run (perhaps 5) and 20 of the second: {frames}");
+}
+
+/// The host goes away mid-stream and a new one takes its place on the same
+/// chardev. The guest's writes wait while the port has no host; frames lost
+/// in the switch show as a gap in the answers, and the guest then says HELLO
+/// again and resends every frame it had no answer for. Nothing is lost or
+/// doubled.
+#[test]
+fn virtio_serial_recovers_from_a_host_restart() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, out) = (dir.path().join("frame.sock"), dir.path().join("out.bin"));
+    let vm = Qemu::new(&img, &img.guest).port_socket(PORT, &sock).port_file(OUT, &out).run(&vmguest(
+        &serial_addr(),
+        60,
+        "--pace-ms 40 --reply-timeout 5",
+    ));
+    let first = host(vec![], vec![sock.clone()], None);
+    let seen = vm.wait_line(|l| l.contains("20 of 60 frames answered"), VM_TIMEOUT);
+    assert!(seen.is_some(), "{}", vm.console());
+    first.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    let second = host(vec![], vec![sock], None);
+    let o = vm.finish(VM_TIMEOUT);
+    let r = assert_guest_ok(&o, 60);
+    check_answers(&out, 60, Output::Bgrx);
+    // Whether frames were lost in the switch (the guest then starts over:
+    // "reconnects") depends on where the guest was; either way the new host
+    // encoded the rest, from a keyframe of its own.
+    let (frames, _) = host_totals(&second);
+    assert!((20..=40).contains(&frames), "the new host encoded what was left: {frames}\n{}", o.console);
+    assert!(r.keyframes >= 2, "{}", o.console);
+}
+
+/// The real element in a GStreamer guest: `videotestsrc ! vsockenc ! h264parse ! filesink`.
+fn gst_pipeline(host: &str, frames: u32) -> String {
+    format!(
+        "export GST_PLUGIN_SYSTEM_PATH=/gst GST_REGISTRY=/tmp/gst-registry.bin GST_REGISTRY_FORK=no; \
+         gst-launch-1.0 -q videotestsrc num-buffers={frames} pattern=red ! \
+         video/x-raw,format=BGRx,width={W},height={H},framerate=30/1 ! vsockenc host={host} ! h264parse ! \
+         filesink location=/dev/virtio-ports/{OUT}"
+    )
+}
+
+/// What came out of `h264parse ! filesink`: `frames` pictures, all red.
+fn check_red_stream(out: &Path, frames: u32) {
+    let stream = std::fs::read(out).unwrap();
+    let aus = split_access_units(&stream);
+    assert_eq!(aus.len(), frames as usize, "access units in the guest's file");
+    let pictures = decode_h264(&aus, Output::Bgrx).expect("decodes");
+    assert_eq!(pictures.len(), frames as usize);
+    let red: Vec<u8> = [0u8, 0, 255, 0].repeat((W * H) as usize);
+    for (i, pic) in pictures.iter().enumerate() {
+        let db = psnr(Output::Bgrx, &red, W as usize * 4, pic);
+        assert!(db > MIN_PSNR, "picture {i}: PSNR {db:.1} dB against videotestsrc's red");
+    }
+}
+
+#[test]
+fn gstreamer_guest_vsockenc_over_virtio_serial() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, out) = (dir.path().join("frame.sock"), dir.path().join("out.bin"));
+    let vm =
+        Qemu::new(&img, &img.gst).port_socket(PORT, &sock).port_file(OUT, &out).run(&gst_pipeline(&serial_addr(), 30));
+    let host = host(vec![], vec![sock], None);
+    let o = vm.finish(VM_TIMEOUT);
+    assert_eq!(o.status, Some(0), "{}", o.console);
+    check_red_stream(&out, 30);
+    assert_eq!(host_totals(&host).0, 30);
+}
+
+#[test]
+fn gstreamer_guest_vsockenc_over_user_networking() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.bin");
+    // A port of our own: the other user-networking test holds 15937.
+    let host = host(vec!["tcp:127.0.0.1:0".parse().unwrap()], vec![], None);
+    let ListenAddr::Tcp(a) = host.addrs[0] else { unreachable!() };
+    let vm = Qemu::new(&img, &img.gst)
+        .user_net()
+        .port_file(OUT, &out)
+        .run(&gst_pipeline(&format!("tcp:10.0.2.2:{}", a.port()), 30));
+    let o = vm.finish(VM_TIMEOUT);
+    assert_eq!(o.status, Some(0), "{}", o.console);
+    check_red_stream(&out, 30);
+    assert_eq!(host_totals(&host).0, 30);
+}
