@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps build lint fuzz bench
+.PHONY: demo test deps build lint fuzz bench vm-image vm-test
 
 deps:
 	@bash scripts/install-deps.sh
@@ -13,14 +13,28 @@ build: deps
 demo: build
 	./target/release/hxfr demo
 
+# hxfr-vmtest/vm turns on the VM tests (they need `make vm-image`).
+FEATURES = --features hxfr-vmtest/vm
+
 lint: deps
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy --workspace --all-targets $(FEATURES) --locked -- -D warnings
 
-# cargo-nextest prints one summary line for the whole workspace.
-test: lint
+# What the VM tests boot, cached under target/vm: Debian's cloud kernel, a
+# busybox initramfs with the static hxfr-vmguest, one with GStreamer and
+# vsockenc, and vhost-device-vsock (about 2 minutes cold, seconds warm).
+vm-image: deps
+	bash scripts/vm/build.sh
+
+# Guest and host across QEMU's virtual devices (about 30 s once built).
+vm-test: vm-image
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
-	$(CARGO) nextest run --workspace --locked --no-fail-fast
+	$(CARGO) nextest run -p hxfr-vmtest $(FEATURES) --locked --no-fail-fast
+
+# Everything, the VM tests included; cargo-nextest prints one summary line.
+test: lint vm-image
+	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+	$(CARGO) nextest run --workspace $(FEATURES) --locked --no-fail-fast
 
 # Fuzz the decoder (needs a nightly toolchain and cargo-fuzz): FUZZ_SECONDS=300 make fuzz
 FUZZ_SECONDS ?= 60

@@ -15,6 +15,9 @@ PKGS=(
   libx264-dev libclang-dev clang nasm
   # browser tests, virtual display, TCP<->UNIX relay used by the bench
   chromium chromium-driver xvfb socat
+  # make vm-test: QEMU (with its BIOS and virtio-net option ROM), busybox for
+  # the guest's userland, cpio for its initramfs
+  qemu-system-x86 qemu-system-data seabios ipxe-qemu busybox-static cpio
 )
 
 missing=()

@@ -15,12 +15,16 @@ mkdir -p "$VM/cache"
 log() { echo "vm-image: $*" >&2; }
 
 # The kernel: whatever linux-image-cloud-amd64 points at today.
-KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[^ ]*\)/\1/p' | head -1)
-[ -n "$KPKG" ] || { log "cannot resolve linux-image-cloud-amd64 (apt-get update?)"; exit 1; }
+kpkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[^ ]*\)/\1/p' | head -1; }
+KPKG=$(kpkg)
+[ -n "$KPKG" ] || { apt-get update -qq && KPKG=$(kpkg); }
+[ -n "$KPKG" ] || { log "cannot resolve linux-image-cloud-amd64 in Debian's package lists"; exit 1; }
 if [ ! -e "$VM/kernel/.$KPKG" ]; then
     log "fetching $KPKG"
     rm -rf "$VM/kernel" "$VM"/cache/linux-image-*.deb
-    (cd "$VM/cache" && apt-get download "$KPKG" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+    fetch() { (cd "$VM/cache" && apt-get download "$KPKG" 2>&1 | grep -v '^W: Download is performed unsandboxed'); }
+    # A stale package list names a kernel the archive no longer has.
+    fetch || { apt-get update -qq && fetch; }
     dpkg -x "$VM"/cache/"$KPKG"_*.deb "$VM/kernel"
     touch "$VM/kernel/.$KPKG"
 fi

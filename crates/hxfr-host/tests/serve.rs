@@ -50,7 +50,7 @@ impl Host {
     }
 
     fn connect(&self, addr: &HostAddr) -> Connection {
-        let c = Connection::connect(addr, TIMEOUT).unwrap();
+        let mut c = Connection::connect(addr, TIMEOUT).unwrap();
         c.rx_timeout(TIMEOUT);
         c
     }

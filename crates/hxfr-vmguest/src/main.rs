@@ -253,7 +253,7 @@ fn run(args: &Args) -> Result<Tally, String> {
                     }
                     t.answered += 1;
                     next += 1;
-                    if next % 10 == 0 || next == args.frames {
+                    if next.is_multiple_of(10) || next == args.frames {
                         log(format!("{next} of {} frames answered", args.frames));
                     }
                 }
@@ -330,9 +330,9 @@ fn write_record(o: &mut File, pts: u32, au: &[u8]) -> std::io::Result<()> {
 /// A PCI BAR only decodes once the device's memory space is on; with no
 /// driver bound that is the guest's job (`/sys/bus/pci/devices/X/enable`).
 fn enable_pci_device(resource: &Path) {
-    if let Some(dev) = resource.parent().filter(|d| d.join("enable").exists()) {
-        if let Err(e) = std::fs::write(dev.join("enable"), "1") {
-            log(format!("{}: {e}", dev.join("enable").display()));
-        }
+    if let Some(dev) = resource.parent().filter(|d| d.join("enable").exists())
+        && let Err(e) = std::fs::write(dev.join("enable"), "1")
+    {
+        log(format!("{}: {e}", dev.join("enable").display()));
     }
 }
