@@ -143,7 +143,19 @@ fn vsock_through_vhost_device_vsock() {
     let img = Image::locate();
     let dir = tempfile::tempdir().unwrap();
     let (vhost, uds, out) = (dir.path().join("vhost.sock"), dir.path().join("vsock.sock"), dir.path().join("out.bin"));
-    let _backend = Daemon(
+    let _backend = vhost_device_vsock(&img, &vhost, &uds);
+    let host = host(vec![ListenAddr::Unix(dir.path().join("vsock.sock_5000"))], vec![], None);
+    let vm = Qemu::new(&img, &img.guest).vhost_vsock(&vhost).port_file(OUT, &out).run(&vmguest("vsock:2:5000", 30, ""));
+    let o = vm.finish(VM_TIMEOUT);
+    let r = assert_guest_ok(&o, 30);
+    check_answers(&out, 30, Output::Bgrx);
+    assert_eq!(host_totals(&host), (30, r.bytes));
+}
+
+/// rust-vmm's vhost-user vsock backend for a guest with CID 3: QEMU connects
+/// to `vhost`, guest connections to CID 2 port P come out at `<uds>_P`.
+fn vhost_device_vsock(img: &Image, vhost: &Path, uds: &Path) -> Daemon {
+    let d = Daemon(
         Command::new(&img.vhost_vsock)
             .arg("--guest-cid=3")
             .arg(format!("--socket={}", vhost.display()))
@@ -151,13 +163,8 @@ fn vsock_through_vhost_device_vsock() {
             .spawn()
             .expect("vhost-device-vsock"),
     );
-    assert!(wait_for_path(&vhost, Duration::from_secs(10)), "vhost-device-vsock made no socket");
-    let host = host(vec![ListenAddr::Unix(dir.path().join("vsock.sock_5000"))], vec![], None);
-    let vm = Qemu::new(&img, &img.guest).vhost_vsock(&vhost).port_file(OUT, &out).run(&vmguest("vsock:2:5000", 30, ""));
-    let o = vm.finish(VM_TIMEOUT);
-    let r = assert_guest_ok(&o, 30);
-    check_answers(&out, 30, Output::Bgrx);
-    assert_eq!(host_totals(&host), (30, r.bytes));
+    assert!(wait_for_path(vhost, Duration::from_secs(10)), "vhost-device-vsock made no socket");
+    d
 }
 
 /// A guest program that dies half-way through sending a frame leaves the
@@ -271,4 +278,40 @@ fn gstreamer_guest_vsockenc_over_user_networking() {
     assert_eq!(o.status, Some(0), "{}", o.console);
     check_red_stream(&out, 30);
     assert_eq!(host_totals(&host).0, 30);
+}
+
+#[test]
+fn gstreamer_guest_vsockenc_over_vsock() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (vhost, uds, out) = (dir.path().join("vhost.sock"), dir.path().join("vsock.sock"), dir.path().join("out.bin"));
+    let _backend = vhost_device_vsock(&img, &vhost, &uds);
+    let host = host(vec![ListenAddr::Unix(dir.path().join("vsock.sock_5000"))], vec![], None);
+    let vm = Qemu::new(&img, &img.gst).vhost_vsock(&vhost).port_file(OUT, &out).run(&gst_pipeline("vsock:2:5000", 30));
+    let o = vm.finish(VM_TIMEOUT);
+    assert_eq!(o.status, Some(0), "{}", o.console);
+    check_red_stream(&out, 30);
+    assert_eq!(host_totals(&host).0, 30);
+}
+
+#[test]
+fn gstreamer_guest_vsockenc_through_ivshmem() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, out, shm) = (dir.path().join("frame.sock"), dir.path().join("out.bin"), dir.path().join("shm"));
+    std::fs::File::create(&shm).unwrap().set_len(16 << 20).unwrap();
+    // The element says which transfer it chose.
+    let pipeline = format!(
+        "export GST_DEBUG=vsockenc:4 GST_DEBUG_NO_COLOR=1; {}",
+        gst_pipeline(&format!("{} mode=shm", serial_addr()), 30)
+    );
+    let vm = Qemu::new(&img, &img.gst).port_socket(PORT, &sock).port_file(OUT, &out).ivshmem(&shm).run(&pipeline);
+    let host = host(vec![], vec![sock], Some(shm));
+    let o = vm.finish(VM_TIMEOUT);
+    assert_eq!(o.status, Some(0), "{}", o.console);
+    assert!(o.console.contains("transfer shm"), "{}", o.console);
+    check_red_stream(&out, 30);
+    assert_eq!(host_totals(&host).0, 30);
+    let frame_bytes = (W * H * 4) as u64;
+    assert!(host.stats().iter().all(|s| s.info.bytes_in == 30 * frame_bytes), "{:?}", host.stats());
 }
