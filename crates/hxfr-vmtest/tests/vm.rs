@@ -248,6 +248,16 @@ fn check_red_stream(out: &Path, frames: u32) {
     }
 }
 
+/// The pipeline ran to EOS, its file holds `frames` red pictures, and the
+/// host encoded as many.
+fn finish_gst(vm: hxfr_vmtest::Vm, host: &HostHandle, out: &Path, frames: u32) -> hxfr_vmtest::Outcome {
+    let o = vm.finish(VM_TIMEOUT);
+    assert_eq!(o.status, Some(0), "{}", o.console);
+    check_red_stream(out, frames);
+    assert_eq!(host_totals(host).0, frames as u64);
+    o
+}
+
 #[test]
 fn gstreamer_guest_vsockenc_over_virtio_serial() {
     let img = Image::locate();
@@ -256,10 +266,7 @@ fn gstreamer_guest_vsockenc_over_virtio_serial() {
     let vm =
         Qemu::new(&img, &img.gst).port_socket(PORT, &sock).port_file(OUT, &out).run(&gst_pipeline(&serial_addr(), 30));
     let host = host(vec![], vec![sock], None);
-    let o = vm.finish(VM_TIMEOUT);
-    assert_eq!(o.status, Some(0), "{}", o.console);
-    check_red_stream(&out, 30);
-    assert_eq!(host_totals(&host).0, 30);
+    finish_gst(vm, &host, &out, 30);
 }
 
 #[test]
@@ -274,10 +281,7 @@ fn gstreamer_guest_vsockenc_over_user_networking() {
         .user_net()
         .port_file(OUT, &out)
         .run(&gst_pipeline(&format!("tcp:10.0.2.2:{}", a.port()), 30));
-    let o = vm.finish(VM_TIMEOUT);
-    assert_eq!(o.status, Some(0), "{}", o.console);
-    check_red_stream(&out, 30);
-    assert_eq!(host_totals(&host).0, 30);
+    finish_gst(vm, &host, &out, 30);
 }
 
 #[test]
@@ -288,10 +292,7 @@ fn gstreamer_guest_vsockenc_over_vsock() {
     let _backend = vhost_device_vsock(&img, &vhost, &uds);
     let host = host(vec![ListenAddr::Unix(dir.path().join("vsock.sock_5000"))], vec![], None);
     let vm = Qemu::new(&img, &img.gst).vhost_vsock(&vhost).port_file(OUT, &out).run(&gst_pipeline("vsock:2:5000", 30));
-    let o = vm.finish(VM_TIMEOUT);
-    assert_eq!(o.status, Some(0), "{}", o.console);
-    check_red_stream(&out, 30);
-    assert_eq!(host_totals(&host).0, 30);
+    finish_gst(vm, &host, &out, 30);
 }
 
 #[test]
@@ -307,11 +308,8 @@ fn gstreamer_guest_vsockenc_through_ivshmem() {
     );
     let vm = Qemu::new(&img, &img.gst).port_socket(PORT, &sock).port_file(OUT, &out).ivshmem(&shm).run(&pipeline);
     let host = host(vec![], vec![sock], Some(shm));
-    let o = vm.finish(VM_TIMEOUT);
-    assert_eq!(o.status, Some(0), "{}", o.console);
+    let o = finish_gst(vm, &host, &out, 30);
     assert!(o.console.contains("transfer shm"), "{}", o.console);
-    check_red_stream(&out, 30);
-    assert_eq!(host_totals(&host).0, 30);
     let frame_bytes = (W * H * 4) as u64;
     assert!(host.stats().iter().all(|s| s.info.bytes_in == 30 * frame_bytes), "{:?}", host.stats());
 }
