@@ -6,7 +6,7 @@
 
 use gst::glib;
 
-pub mod drm;
+pub use hxfr_guest::drm;
 pub mod link;
 pub use hxfr_guest::shm;
 mod vsockenc;

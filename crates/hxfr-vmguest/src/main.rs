@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
+use hxfr_guest::drm;
 use hxfr_guest::shm::{self, Region};
 use hxfr_guest::{Connection, HostAddr};
 use hxfr_proto::{FrameRequest, Layout, Message, Packet, PixelFormat, ShmFrameRequest, ShmPlane, features};
@@ -30,8 +31,13 @@ use hxfr_testkit::{Content, pattern_bgrx, pattern_nv12};
 #[command(version, about = "Send test frames to an hxfr host from inside a VM")]
 struct Args {
     /// tcp:HOST:PORT, unix:PATH, vsock:CID:PORT or serial:PATH
-    #[arg(long)]
-    host: HostAddr,
+    #[arg(long, required_unless_present = "gpu_resource")]
+    host: Option<HostAddr>,
+    /// Send nothing: create a WIDTHxHEIGHT dumb buffer on the virtio-gpu
+    /// card, export it as a DMA-BUF and print the resource id vsockenc's
+    /// resource mode finds for it (`HXFR-GPU-RESOURCE id=N`).
+    #[arg(long, value_name = "WxH")]
+    gpu_resource: Option<String>,
     #[arg(long, default_value_t = 30)]
     frames: u32,
     #[arg(long, default_value = "320x240")]
@@ -100,6 +106,18 @@ fn log(msg: impl std::fmt::Display) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(size) = &args.gpu_resource {
+        return match gpu_resource(size) {
+            Ok(id) => {
+                println!("HXFR-GPU-RESOURCE id={id}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                log(format!("error: {e}"));
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(t) => {
             println!(
@@ -120,12 +138,35 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<Tally, String> {
-    let (width, height) = args
-        .size
-        .split_once('x')
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    s.split_once('x')
         .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
-        .ok_or_else(|| format!("--size {:?}: expected WIDTHxHEIGHT", args.size))?;
+        .ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT"))
+}
+
+/// The guest half of zero copy, without GStreamer: a scanout-like buffer on
+/// the virtio-gpu card, and the resource id found for its DMA-BUF the way
+/// vsockenc finds it (render node by vendor, PRIME import, RESOURCE_INFO).
+fn gpu_resource(size: &str) -> Result<u32, String> {
+    let (w, h) = parse_size(size)?;
+    let class = Path::new("/sys/class/drm");
+    let card = std::fs::read_dir(class)
+        .map_err(|e| format!("{}: {e}", class.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("card") && !n.contains('-'))
+        .find(|n| std::fs::read_to_string(class.join(n).join("device/vendor")).is_ok_and(|v| v.trim() == "0x1af4"))
+        .ok_or("no virtio-gpu card in /sys/class/drm")?;
+    let dmabuf = drm::create_dumb_dmabuf(&Path::new("/dev/dri").join(&card), w, h).map_err(|e| e.to_string())?;
+    let node = drm::find_render_node(class, Path::new("/dev/dri")).map_err(|e| e.to_string())?;
+    let gpu = drm::VirtioGpu::open(&node).map_err(|e| e.to_string())?;
+    log(format!("{w}x{h} dumb buffer on /dev/dri/{card}, imported on {}", node.display()));
+    gpu.resource_id(std::os::fd::AsRawFd::as_raw_fd(&dmabuf)).map_err(|e| e.to_string())
+}
+
+fn run(args: &Args) -> Result<Tally, String> {
+    let host = args.host.clone().ok_or("--host is needed")?;
+    let (width, height) = parse_size(&args.size).map_err(|e| format!("--size {e}"))?;
     let (format, bpp) = match args.format.as_str() {
         "bgrx" => (PixelFormat::Bgrx, 4),
         "nv12" => (PixelFormat::Nv12, 1),
@@ -166,7 +207,7 @@ fn run(args: &Args) -> Result<Tally, String> {
             std::thread::sleep(Duration::from_millis(300));
         }
         first = false;
-        let mut conn = match Connection::connect(&args.host, Duration::from_secs(5)) {
+        let mut conn = match Connection::connect(&host, Duration::from_secs(5)) {
             Ok(c) => c,
             Err(e) => {
                 say(e.to_string());

@@ -27,6 +27,9 @@ pub struct Image {
     pub guest: PathBuf,
     /// The same plus GStreamer and `libgstvsockenc.so` (plugins in /gst).
     pub gst: PathBuf,
+    /// Debian's generic kernel (with DRM) and an initramfs with its virtio-gpu modules.
+    pub generic_kernel: PathBuf,
+    pub gpu: PathBuf,
     pub vhost_vsock: PathBuf,
 }
 
@@ -40,10 +43,12 @@ impl Image {
             kernel: dir.join("vmlinuz"),
             guest: dir.join("guest.cpio.gz"),
             gst: dir.join("gst.cpio.gz"),
+            generic_kernel: dir.join("vmlinuz-generic"),
+            gpu: dir.join("gpu.cpio.gz"),
             vhost_vsock: dir.join("bin/vhost-device-vsock"),
             dir,
         };
-        for f in [&img.kernel, &img.guest, &img.gst, &img.vhost_vsock] {
+        for f in [&img.kernel, &img.guest, &img.gst, &img.generic_kernel, &img.gpu, &img.vhost_vsock] {
             assert!(
                 f.exists(),
                 "{} is missing: build the VM image with `bash scripts/vm/build.sh` (make vm-test does)",
@@ -112,6 +117,18 @@ impl Qemu {
     pub fn user_net(mut self) -> Qemu {
         self.arg("-netdev", "user,id=net0".into());
         self.arg("-device", "virtio-net-pci,netdev=net0".into());
+        self
+    }
+
+    /// Boots this kernel instead of the cloud one.
+    pub fn kernel(mut self, kernel: &Path) -> Qemu {
+        self.kernel = kernel.to_owned();
+        self
+    }
+
+    /// Any other QEMU arguments.
+    pub fn extra(mut self, args: &[&str]) -> Qemu {
+        self.args.extend(args.iter().map(|a| a.to_string()));
         self
     }
 

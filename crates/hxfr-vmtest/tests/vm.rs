@@ -313,3 +313,35 @@ fn gstreamer_guest_vsockenc_through_ivshmem() {
     let frame_bytes = (W * H * 4) as u64;
     assert!(host.stats().iter().all(|s| s.info.bytes_in == 30 * frame_bytes), "{:?}", host.stats());
 }
+
+/// The guest half of zero copy: a dumb buffer on a real virtio-gpu device,
+/// exported as a DMA-BUF, and the resource id vsockenc's resource mode finds
+/// for it (render node by vendor, PRIME_FD_TO_HANDLE, VIRTGPU_RESOURCE_INFO)
+/// is the id QEMU created the resource under.
+#[test]
+fn virtio_gpu_resource_id_matches_qemu() {
+    let img = Image::locate();
+    let vm = Qemu::new(&img, &img.gpu)
+        .kernel(&img.generic_kernel)
+        .extra(&["-device", "virtio-gpu-pci", "-trace", "virtio_gpu_cmd_res_create_2d"])
+        .run("hxfr-vmguest --gpu-resource 96x64");
+    let o = vm.finish(VM_TIMEOUT);
+    assert_eq!(o.status, Some(0), "{}", o.console);
+    let guest_id: u32 = o
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("HXFR-GPU-RESOURCE id="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no resource id from the guest:\n{}", o.console));
+    // QEMU's trace: "virtio_gpu_cmd_res_create_2d res 0x2, fmt 0x2, w 96, h 64"
+    let qemu_id = o
+        .console
+        .lines()
+        .filter(|l| l.contains("virtio_gpu_cmd_res_create_2d") && l.contains("w 96, h 64"))
+        .find_map(|l| {
+            let hex = l.split("res 0x").nth(1)?.split(',').next()?;
+            u32::from_str_radix(hex, 16).ok()
+        })
+        .unwrap_or_else(|| panic!("QEMU traced no 96x64 resource:\n{}", o.console));
+    assert_eq!(guest_id, qemu_id, "{}", o.console);
+}

@@ -36,6 +36,18 @@ struct DrmGemClose {
     pad: u32,
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct DrmModeCreateDumb {
+    height: u32,
+    width: u32,
+    bpp: u32,
+    flags: u32,
+    handle: u32,
+    pitch: u32,
+    size: u64,
+}
+
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | ((b'd' as u64) << 8) | nr
 }
@@ -43,6 +55,8 @@ const IOC_WRITE: u64 = 1;
 const IOC_READWRITE: u64 = 3;
 const DRM_COMMAND_BASE: u64 = 0x40;
 
+pub const DRM_IOCTL_PRIME_HANDLE_TO_FD: u64 = ioc(IOC_READWRITE, 0x2d, size_of::<DrmPrimeHandle>());
+pub const DRM_IOCTL_MODE_CREATE_DUMB: u64 = ioc(IOC_READWRITE, 0xb2, size_of::<DrmModeCreateDumb>());
 pub const DRM_IOCTL_PRIME_FD_TO_HANDLE: u64 = ioc(IOC_READWRITE, 0x2e, size_of::<DrmPrimeHandle>());
 pub const DRM_IOCTL_GEM_CLOSE: u64 = ioc(IOC_WRITE, 0x09, size_of::<DrmGemClose>());
 pub const DRM_IOCTL_VIRTGPU_RESOURCE_INFO: u64 =
@@ -119,6 +133,22 @@ impl VirtioGpu {
     }
 }
 
+/// A dumb buffer on a DRM primary node (`/dev/dri/cardN`) exported as a
+/// DMA-BUF: what a compositor's scanout buffer looks like to a capture
+/// pipeline. For tests of [`VirtioGpu::resource_id`] in a VM.
+pub fn create_dumb_dmabuf(card: &Path, width: u32, height: u32) -> Result<std::os::fd::OwnedFd, DrmError> {
+    let file = OpenOptions::new().read(true).write(true).open(card).map_err(|e| DrmError::Open(card.into(), e))?;
+    let fd = file.as_raw_fd();
+    let mut dumb = DrmModeCreateDumb { width, height, bpp: 32, ..Default::default() };
+    ioctl(fd, DRM_IOCTL_MODE_CREATE_DUMB, &mut dumb).map_err(|e| DrmError::Ioctl("DRM_IOCTL_MODE_CREATE_DUMB", e))?;
+    let mut prime = DrmPrimeHandle { handle: dumb.handle, flags: (libc::O_CLOEXEC | libc::O_RDWR) as u32, fd: -1 };
+    ioctl(fd, DRM_IOCTL_PRIME_HANDLE_TO_FD, &mut prime)
+        .map_err(|e| DrmError::Ioctl("DRM_IOCTL_PRIME_HANDLE_TO_FD", e))?;
+    // SAFETY: the kernel just gave us this fd; nothing else owns it. The
+    // DMA-BUF keeps the buffer alive after the card is closed.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(prime.fd) })
+}
+
 fn ioctl<T>(fd: RawFd, request: u64, arg: &mut T) -> std::io::Result<()> {
     // SAFETY: `arg` is the repr(C) struct this request expects, alive for the call.
     let r = unsafe { libc::ioctl(fd, request as _, arg as *mut T) };
@@ -135,6 +165,8 @@ mod tests {
         assert_eq!(DRM_IOCTL_PRIME_FD_TO_HANDLE, 0xc00c_642e);
         assert_eq!(DRM_IOCTL_GEM_CLOSE, 0x4008_6409);
         assert_eq!(DRM_IOCTL_VIRTGPU_RESOURCE_INFO, 0xc010_6445);
+        assert_eq!(DRM_IOCTL_PRIME_HANDLE_TO_FD, 0xc00c_642d);
+        assert_eq!(DRM_IOCTL_MODE_CREATE_DUMB, 0xc020_64b2);
     }
 
     #[test]
