@@ -20,6 +20,8 @@ use hxfr_proto::{DecodeError, FrameResponse, HelloResp, Message, Packet};
 pub struct Pending {
     /// GstVideoCodecFrame system_frame_number.
     pub frame: u32,
+    /// The pts the request carried, which the host's answer echoes.
+    pub pts: Option<i64>,
     pub sent: Instant,
     /// Shared-memory area the frame occupies until answered.
     pub area: Option<usize>,
@@ -236,10 +238,27 @@ fn read_loop(mut rx: Receiver, shared: Shared, sink: Arc<dyn AnswerSink>, sessio
                 continue;
             }
         };
-        let pending = {
+        let (skipped, pending) = {
             let mut q = lock.lock().unwrap();
-            q.pending.pop_front()
+            // An answer for a later frame means the ones before it are lost:
+            // a host restarted behind a virtio-serial port drops what it held
+            // and nothing closes on our side. Give those up rather than shift
+            // every later picture by one. (No match at all: match in order,
+            // as hosts that do not echo pts need.)
+            let skip = match &answer {
+                Answer::Frame(r) => q.pending.iter().position(|p| p.pts == Some(r.pts)).unwrap_or(0),
+                Answer::Error { .. } => 0,
+            };
+            let skipped: Vec<Pending> = q.pending.drain(..skip).collect();
+            q.outstanding -= skipped.len();
+            let areas: Vec<usize> = skipped.iter().filter_map(|p| p.area).collect();
+            q.free_areas.extend(areas);
+            (skipped, q.pending.pop_front())
         };
+        if !skipped.is_empty() {
+            sink.lost(skipped, "the host answered a later frame (restarted?)");
+            cv.notify_all();
+        }
         match pending {
             Some(p) => {
                 let area = p.area;

@@ -442,6 +442,9 @@ enum Reply {
     /// Unsolicited messages first (PONG, CONFIG_RESP, another session's answer), then the answer.
     NoiseThenFrame,
     Silence,
+    /// Never answered, but later frames are (a host restarted behind a
+    /// virtio-serial port loses what it held; no connection closes).
+    Lost,
 }
 
 /// A host on a UNIX socket that answers HELLO and then frames as `script`
@@ -494,7 +497,7 @@ fn scripted_host(dir: &tempfile::TempDir, script: fn(usize) -> Reply) -> (PathBu
                         ));
                         send(answer)
                     }
-                    Reply::Silence => Ok(()),
+                    Reply::Silence | Reply::Lost => Ok(()),
                 };
                 n += 1;
                 if r.is_err() {
@@ -544,6 +547,17 @@ fn unsolicited_messages_never_shift_frame_matching() {
     let want: Vec<u64> = (0..12).map(|i| i * 1000 / 30).collect();
     assert_eq!(pts, want, "each answer went to its own frame");
     assert_eq!(r.element_stats.unwrap().get::<u64>("frames-dropped").unwrap(), 0);
+}
+
+#[test]
+fn a_frame_the_host_lost_is_dropped_and_later_answers_keep_their_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, _) = scripted_host(&dir, |n| if n == 4 { Reply::Lost } else { Reply::Frame });
+    let r = run(&fake_pipeline(&sock, 12, "max-in-flight=3"), None).unwrap();
+    let pts: Vec<u64> = r.enc.iter().map(|b| b.pts().unwrap().mseconds()).collect();
+    let want: Vec<u64> = (0..12).filter(|&i| i != 4).map(|i| i * 1000 / 30).collect();
+    assert_eq!(pts, want, "frame 4 dropped, every other answer on its own frame");
+    assert_eq!(r.element_stats.unwrap().get::<u64>("frames-dropped").unwrap(), 1);
 }
 
 #[test]

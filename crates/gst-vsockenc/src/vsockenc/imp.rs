@@ -1080,7 +1080,12 @@ impl VideoEncoderImpl for VsockEnc {
         // Our frame handle holds the stream lock; let go of it before waiting.
         drop(frame);
         let link = state.link.as_mut().expect("ensure_link gave a link");
-        let pending = Pending { frame: id, sent: Instant::now(), area, discard: false };
+        let pts = match &packet.message {
+            Message::FrameRequest(r) => Some(r.pts),
+            Message::ShmFrameRequest(r) => Some(r.pts),
+            _ => None,
+        };
+        let pending = Pending { frame: id, pts, sent: Instant::now(), area, discard: false };
         match link.send(pending, &packet) {
             Ok(()) => {
                 state.force_next = false;
