@@ -217,6 +217,17 @@ impl Drop for Link {
     }
 }
 
+/// `n` frames have left (answered or given up): counted down only now, so
+/// that finish(), which waits for this, never lets EOS overtake them; their
+/// shared-memory areas are free again.
+fn settle(shared: &Shared, n: usize, areas: impl IntoIterator<Item = usize>) {
+    let (lock, cv) = &**shared;
+    let mut q = lock.lock().unwrap();
+    q.outstanding -= n;
+    q.free_areas.extend(areas);
+    cv.notify_all();
+}
+
 fn read_loop(mut rx: Receiver, shared: Shared, sink: Arc<dyn AnswerSink>, session: u16) {
     let (lock, cv) = &*shared;
     let why = loop {
@@ -249,28 +260,19 @@ fn read_loop(mut rx: Receiver, shared: Shared, sink: Arc<dyn AnswerSink>, sessio
                 Answer::Frame(r) => q.pending.iter().position(|p| p.pts == Some(r.pts)).unwrap_or(0),
                 Answer::Error { .. } => 0,
             };
-            let skipped: Vec<Pending> = q.pending.drain(..skip).collect();
-            q.outstanding -= skipped.len();
-            let areas: Vec<usize> = skipped.iter().filter_map(|p| p.area).collect();
-            q.free_areas.extend(areas);
-            (skipped, q.pending.pop_front())
+            (q.pending.drain(..skip).collect::<Vec<_>>(), q.pending.pop_front())
         };
         if !skipped.is_empty() {
+            let areas: Vec<usize> = skipped.iter().filter_map(|p| p.area).collect();
+            let n = skipped.len();
             sink.lost(skipped, "the host answered a later frame (restarted?)");
-            cv.notify_all();
+            settle(&shared, n, areas);
         }
         match pending {
             Some(p) => {
                 let area = p.area;
                 sink.answer(p, answer);
-                // Counted down only once the frame has left: finish() waits for
-                // this, so EOS never overtakes the last frame.
-                let mut q = lock.lock().unwrap();
-                q.outstanding -= 1;
-                if let Some(a) = area {
-                    q.free_areas.push(a);
-                }
-                cv.notify_all();
+                settle(&shared, 1, area);
             }
             None => sink.other(Packet::error(session, 0, "host answered a frame that was never sent; ignored")),
         }

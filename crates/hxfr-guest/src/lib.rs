@@ -1,7 +1,8 @@
 //! The guest's end of HXFR: where the host is ([`HostAddr`]), a blocking
 //! [`Connection`] to it, the guest's view of a shared-memory region
-//! ([`shm`]) and of virtio-gpu resources ([`drm`]). The GStreamer element and the static guest program that the
-//! VM tests boot (`hxfr-vmguest`) both build on this.
+//! ([`shm`]) and of virtio-gpu resources ([`drm`]). The GStreamer element
+//! and the static guest program that the VM tests boot (`hxfr-vmguest`)
+//! both build on this.
 
 pub mod drm;
 pub mod shm;

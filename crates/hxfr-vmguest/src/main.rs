@@ -245,12 +245,9 @@ fn run(args: &Args) -> Result<Tally, String> {
         loop {
             while sent < args.frames && sent - next < window {
                 if args.die_mid_frame == Some(sent) {
-                    let mut p = Vec::new();
-                    let packet = inline_request(&frames, sent);
                     let mut b = bytes::BytesMut::new();
-                    packet.encode(&mut b);
-                    p.extend_from_slice(&b[..b.len() / 2]);
-                    let _ = conn.tx.write_raw(&p);
+                    inline_request(&frames, sent).encode(&mut b);
+                    let _ = conn.tx.write_raw(&b[..b.len() / 2]);
                     log(format!("dying half-way through frame {sent}"));
                     std::process::exit(3);
                 }

@@ -36,9 +36,9 @@ pub struct Image {
 impl Image {
     /// Finds the image; panics with what to run when it is missing.
     pub fn locate() -> Image {
-        let dir = std::env::var_os("HXFR_VM_DIR").map(PathBuf::from).unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/vm").canonicalize().unwrap_or_default()
-        });
+        let dir = std::env::var_os("HXFR_VM_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/vm"));
         let img = Image {
             kernel: dir.join("vmlinuz"),
             guest: dir.join("guest.cpio.gz"),

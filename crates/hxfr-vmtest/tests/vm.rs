@@ -30,7 +30,8 @@ const MIN_PSNR: f64 = 30.0;
 
 fn host(listen: Vec<ListenAddr>, connect: Vec<PathBuf>, shm: Option<PathBuf>) -> HostHandle {
     let cfg = HostConfig { encoder: hxfr_encode::EncoderKind::X264, shm_path: shm, ..HostConfig::default() };
-    hxfr_host::spawn(cfg, listen, connect).expect("host starts")
+    hxfr_host::spawn(cfg, listen.clone(), connect)
+        .unwrap_or_else(|e| panic!("host on {listen:?}: {e} (is another hxfr host running?)"))
 }
 
 fn vmguest(host: &str, frames: u32, extra: &str) -> String {
@@ -97,12 +98,7 @@ fn user_networking_reaches_the_host_at_10_0_2_2() {
     let img = Image::locate();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.bin");
-    let host = hxfr_host::spawn(
-        HostConfig { encoder: hxfr_encode::EncoderKind::X264, ..HostConfig::default() },
-        vec![ListenAddr::default()],
-        vec![],
-    )
-    .expect("127.0.0.1:15937 is free (is an hxfr host already running?)");
+    let host = host(vec![ListenAddr::default()], vec![], None);
     let vm = Qemu::new(&img, &img.guest).user_net().port_file(OUT, &out).run(&vmguest("tcp:10.0.2.2:15937", 30, ""));
     let o = vm.finish(VM_TIMEOUT);
     let r = assert_guest_ok(&o, 30);
