@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps build lint fuzz bench vm-image vm-test
+.PHONY: demo test check deps build lint fuzz bench vm-image vm-test
 
 deps:
 	@bash scripts/install-deps.sh
@@ -15,6 +15,13 @@ demo: build
 
 # hxfr-vmtest/vm turns on the VM tests (they need `make vm-image`).
 FEATURES = --features hxfr-vmtest/vm
+
+# The fast loop: formatting, lints and unit tests. Needs no root and no QEMU
+# (only the system libraries `make deps` installed once).
+check:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets $(FEATURES) --locked -- -D warnings
+	$(CARGO) test --workspace --lib --bins --locked
 
 lint: deps
 	$(CARGO) fmt --all --check

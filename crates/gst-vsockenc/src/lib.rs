@@ -4,11 +4,11 @@
 //! back. A drop-in replacement for Helix's C element: same name, same
 //! properties, same wire format.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 use gst::glib;
 
-pub use hxfr_guest::drm;
-pub mod link;
-pub use hxfr_guest::shm;
+pub use hxfr_guest::{drm, shm};
 mod vsockenc;
 
 pub use vsockenc::{Mode, VsockEnc};

@@ -442,9 +442,24 @@ enum Reply {
     /// Unsolicited messages first (PONG, CONFIG_RESP, another session's answer), then the answer.
     NoiseThenFrame,
     Silence,
+    /// Answered after this long (a host at the edge of the reply timeout).
+    After(Duration),
     /// Never answered, but later frames are (a host restarted behind a
     /// virtio-serial port loses what it held; no connection closes).
     Lost,
+}
+
+/// A real x264 IDR access unit (SPS, PPS, slice) for the scripted host's keyframes.
+fn keyframe_au() -> Bytes {
+    static AU: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    AU.get_or_init(|| {
+        let cfg = hxfr_encode::EncoderConfig::new(64, 64);
+        let mut enc = hxfr_encode::open(&EncoderKind::X264, &cfg).unwrap();
+        let px = pattern_bgrx(Content::Motion, 64, 64, 256, 0);
+        let layout = hxfr_proto::Layout::inline(hxfr_proto::PixelFormat::Bgrx, 64, 64, 256);
+        enc.encode(&hxfr_encode::Frame::new(&px, &layout, true).unwrap()).unwrap().data
+    })
+    .clone()
 }
 
 /// A host on a UNIX socket that answers HELLO and then frames as `script`
@@ -481,7 +496,8 @@ fn scripted_host(dir: &tempfile::TempDir, script: fn(usize) -> Reply) -> (PathBu
                         pts,
                         dts: pts,
                         is_keyframe: force,
-                        nals: vec![Bytes::from_static(&[0, 0, 0, 1, 0x09, 0xf0])], // an access unit delimiter
+                        // Keyframes carry a real SPS (the element reads profile and level from it).
+                        nals: vec![if force { keyframe_au() } else { Bytes::from_static(&[0, 0, 0, 1, 0x09, 0xf0]) }],
                     }),
                 );
                 let r = match script(n) {
@@ -495,6 +511,10 @@ fn scripted_host(dir: &tempfile::TempDir, script: fn(usize) -> Reply) -> (PathBu
                             0x77,
                             Message::Unknown { msg_type: 0x77, flags: 0, payload: Bytes::new() },
                         ));
+                        send(answer)
+                    }
+                    Reply::After(d) => {
+                        std::thread::sleep(d); // the host's own slowness, not a wait for a condition
                         send(answer)
                     }
                     Reply::Silence | Reply::Lost => Ok(()),
@@ -571,4 +591,92 @@ fn a_silent_host_counts_as_gone_after_the_reply_timeout() {
     let st = r.element_stats.unwrap();
     assert_eq!(st.get::<u64>("frames-dropped").unwrap(), 6, "{st}");
     assert!(r.messages.iter().any(|m| m.contains("no answer within 300 ms")), "{:?}", r.messages);
+}
+
+/// Feeds `runs` pipelines of `appsrc ! vsockenc {enc} ! {downstream}` with
+/// `frames` frames whose size flips every third frame, and requires each to
+/// reach EOS within 30 s with no error. Caps change through appsrc: a
+/// capsfilter flipped from another thread races GStreamer's own
+/// renegotiation and fails with not-negotiated even with no vsockenc in the
+/// pipeline (measured: 1 of 6 runs with `identity` in its place).
+/// Returns (caps changes, reconnects).
+fn stress_caps_changes(enc: &str, downstream: &str, runs: u32, frames: u64) -> (u32, u64) {
+    init();
+    let (mut caps_changes, mut reconnects) = (0u32, 0u64);
+    for run in 0..runs {
+        let pipeline = gst::parse::launch(&format!(
+            "appsrc name=src format=time is-live=true ! vsockenc name=v {enc} ! {downstream} ! appsink name=enc sync=false"
+        ))
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+        let src = pipeline.by_name("src").unwrap().downcast::<gst_app::AppSrc>().unwrap();
+        let _out = collect(&pipeline.by_name("enc").unwrap());
+        pipeline.set_state(gst::State::Playing).unwrap();
+        let start = Instant::now();
+        let mut size = (160, 120);
+        for i in 0..frames {
+            if i % 3 == 0 {
+                size = if size.1 == 120 { (160, 96) } else { (160, 120) };
+                let caps = gst_video::VideoInfo::builder(gst_video::VideoFormat::Bgrx, size.0, size.1)
+                    .fps(gst::Fraction::new(30, 1))
+                    .build()
+                    .unwrap()
+                    .to_caps()
+                    .unwrap();
+                src.set_caps(Some(&caps));
+                caps_changes += 1;
+            }
+            let px = pattern_bgrx(Content::Motion, size.0, size.1, size.0 as usize * 4, i as u32);
+            let mut b = gst::Buffer::from_slice(px);
+            b.get_mut().unwrap().set_pts(gst::ClockTime::from_mseconds(i * 33));
+            if src.push_buffer(b).is_err() {
+                break; // the pipeline failed: the bus says why
+            }
+        }
+        let _ = src.end_of_stream();
+        let bus = pipeline.bus().unwrap();
+        let msg =
+            bus.timed_pop_filtered(gst::ClockTime::from_seconds(30), &[gst::MessageType::Eos, gst::MessageType::Error]);
+        let stats = pipeline.by_name("v").unwrap().property::<gst::Structure>("stats");
+        reconnects += stats.get::<u64>("reconnects").unwrap();
+        let outcome = match msg.as_ref().map(|m| m.view()) {
+            Some(gst::MessageView::Eos(_)) => Ok(()),
+            Some(gst::MessageView::Error(e)) => Err(format!("{} ({:?})", e.error(), e.debug())),
+            _ => Err("no EOS within 30 s: hung".to_string()),
+        };
+        pipeline.set_state(gst::State::Null).unwrap();
+        assert!(outcome.is_ok(), "run {run}: {outcome:?} after {:?}; {stats}", start.elapsed());
+    }
+    (caps_changes, reconnects)
+}
+
+/// Reply timeouts and caps changes racing: a host that answers right around
+/// the reply timeout (so links die and are replaced mid-stream, and answers
+/// for killed links arrive late) while the input changes size every few
+/// frames (so set_format, the reader's renegotiation with the stream's
+/// profile, and reconnects interleave). No deadlock, no error.
+#[test]
+fn caps_changes_racing_reply_timeouts_never_hang_or_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, seen) = scripted_host(&dir, |n| {
+        // 25..55 ms against a 40 ms reply timeout.
+        Reply::After(Duration::from_millis(25 + (n as u64 * 7919 % 31)))
+    });
+    let enc = format!("socket-path={} reply-timeout=40 max-in-flight=2 connect-timeout=2000", sock.display());
+    let (caps_changes, reconnects) = stress_caps_changes(&enc, "identity", 8, 60);
+    assert!(seen.lock().unwrap().len() > 100, "the host saw the frames");
+    assert!(caps_changes >= 160, "{caps_changes} caps changes");
+    assert!(reconnects > 0, "the reply timeout fired and links were replaced ({reconnects} reconnects)");
+}
+
+/// The same against the real host, with a reply timeout as short as its
+/// encode time and `h264parse` reading every access unit downstream.
+#[test]
+fn caps_changes_against_a_real_host_at_the_reply_timeout() {
+    let host = Host::start();
+    let enc = format!("{} reply-timeout=2 max-in-flight=2", host.unix_props());
+    let (caps_changes, reconnects) = stress_caps_changes(&enc, "h264parse", 12, 90);
+    assert!(caps_changes >= 12 * 30, "{caps_changes} caps changes");
+    assert!(reconnects > 0, "links were replaced ({reconnects} reconnects)");
 }

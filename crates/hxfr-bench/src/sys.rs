@@ -112,14 +112,6 @@ pub fn memcpy_floor_ms(bytes: usize, reps: usize) -> f64 {
     median(times)
 }
 
-pub fn median(v: Vec<f64>) -> f64 {
-    percentile(v, 0.5)
-}
-
-pub fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
+pub fn median(mut v: Vec<f64>) -> f64 {
+    hxfr_metrics::percentile(&mut v, 0.5).unwrap_or(0.0)
 }

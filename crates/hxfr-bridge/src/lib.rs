@@ -5,6 +5,8 @@
 //! encodes; NVENC or VA-API on real GPUs; x264 as the last resort), and
 //! streams the access units over WebSocket to an embedded WebCodecs page.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 pub mod hub;
 pub mod pipeline;
 pub mod select;

@@ -10,6 +10,8 @@
 //! Every backend is low latency: one access unit out for every frame in, in
 //! order, SPS/PPS in front of every IDR, no B-frames.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 pub mod convert;
 mod frame;
 #[cfg(feature = "gst")]

@@ -4,6 +4,9 @@
 //! and the static guest program that the VM tests boot (`hxfr-vmguest`)
 //! both build on this.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
+pub mod client;
 pub mod drm;
 pub mod shm;
 
@@ -17,7 +20,9 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use hxfr_proto::{DecodeError, FrameDecoder, Hello, HelloResp, Message, PROTOCOL_VERSION, Packet};
+use hxfr_proto::{
+    Addr, AddrError, DecodeError, FrameDecoder, Hello, HelloResp, Message, PROTOCOL_VERSION, Packet, defaults,
+};
 use thiserror::Error;
 
 /// Where the host is, as the element's `host` property spells it.
@@ -34,39 +39,32 @@ pub enum HostAddr {
 }
 
 impl FromStr for HostAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?}: expected tcp:HOST:PORT, unix:PATH, vsock:CID:PORT or serial:PATH");
-        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
-        match kind {
-            "tcp" => {
-                let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                if host.is_empty() {
-                    return Err(bad());
-                }
-                Ok(HostAddr::Tcp(host.to_string(), port.parse().map_err(|_| bad())?))
-            }
-            "unix" if !rest.is_empty() => Ok(HostAddr::Unix(rest.into())),
-            "serial" if !rest.is_empty() => Ok(HostAddr::Serial(rest.into())),
-            "vsock" => {
-                let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
-                Ok(HostAddr::Vsock(cid.parse().map_err(|_| bad())?, port.parse().map_err(|_| bad())?))
-            }
-            _ => Err(bad()),
+    type Err = AddrError;
+    /// The shared grammar ([`hxfr_proto::addr`]); `vsock:PORT` means the host (CID 2).
+    fn from_str(s: &str) -> Result<Self, AddrError> {
+        Ok(match s.parse::<Addr>()? {
+            Addr::Tcp { host, port } => HostAddr::Tcp(host, port),
+            Addr::Unix(p) => HostAddr::Unix(p),
+            Addr::Vsock { cid, port } => HostAddr::Vsock(cid.unwrap_or(defaults::HOST_CID), port),
+            Addr::Serial(p) => HostAddr::Serial(p),
+        })
+    }
+}
+
+impl From<&HostAddr> for Addr {
+    fn from(a: &HostAddr) -> Addr {
+        match a.clone() {
+            HostAddr::Tcp(host, port) => Addr::Tcp { host, port },
+            HostAddr::Unix(p) => Addr::Unix(p),
+            HostAddr::Vsock(cid, port) => Addr::Vsock { cid: Some(cid), port },
+            HostAddr::Serial(p) => Addr::Serial(p),
         }
     }
 }
 
 impl std::fmt::Display for HostAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HostAddr::Tcp(h, p) if h.contains(':') => write!(f, "tcp:[{h}]:{p}"),
-            HostAddr::Tcp(h, p) => write!(f, "tcp:{h}:{p}"),
-            HostAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            HostAddr::Vsock(c, p) => write!(f, "vsock:{c}:{p}"),
-            HostAddr::Serial(p) => write!(f, "serial:{}", p.display()),
-        }
+        Addr::from(self).fmt(f)
     }
 }
 
@@ -80,6 +78,8 @@ pub enum GuestError {
     Decode(#[from] DecodeError),
     #[error("no HELLO_RESP from the host within {0:?}")]
     HelloTimeout(Duration),
+    #[error("host unreachable; next attempt in {0:?}")]
+    Backoff(Duration),
 }
 
 /// The byte stream to the host.
@@ -87,9 +87,16 @@ pub enum Transport {
     Tcp(TcpStream),
     Unix(UnixStream),
     Vsock(vsock::VsockStream),
-    /// A virtio-serial port and its read timeout (a character device has no
-    /// SO_RCVTIMEO: reads poll() first).
-    Serial(File, Option<Duration>),
+    /// A virtio-serial port (a character device has no SO_RCVTIMEO or
+    /// SO_SNDTIMEO: reads and writes poll() first when a timeout is set).
+    Serial(File, Timeouts),
+}
+
+/// Read and write timeouts of a serial port.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timeouts {
+    pub read: Option<Duration>,
+    pub write: Option<Duration>,
 }
 
 impl Transport {
@@ -117,7 +124,7 @@ impl Transport {
                 Transport::Vsock(vsock::VsockStream::connect(&vsock::VsockAddr::new(*cid, *port)).map_err(err)?)
             }
             HostAddr::Serial(p) => {
-                Transport::Serial(OpenOptions::new().read(true).write(true).open(p).map_err(err)?, None)
+                Transport::Serial(OpenOptions::new().read(true).write(true).open(p).map_err(err)?, Timeouts::default())
             }
         };
         Ok(t)
@@ -135,8 +142,23 @@ impl Transport {
             Transport::Tcp(s) => s.set_read_timeout(t),
             Transport::Unix(s) => s.set_read_timeout(t),
             Transport::Vsock(s) => s.set_read_timeout(t),
-            Transport::Serial(_, timeout) => {
-                *timeout = t;
+            Transport::Serial(_, timeouts) => {
+                timeouts.read = t;
+                Ok(())
+            }
+        }
+    }
+
+    /// Write timeout: a write that makes no progress for this long fails
+    /// with `WouldBlock` (a host that stopped reading), sockets and serial
+    /// ports alike.
+    pub fn set_write_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Transport::Tcp(s) => s.set_write_timeout(t),
+            Transport::Unix(s) => s.set_write_timeout(t),
+            Transport::Vsock(s) => s.set_write_timeout(t),
+            Transport::Serial(_, timeouts) => {
+                timeouts.write = t;
                 Ok(())
             }
         }
@@ -168,9 +190,9 @@ impl Read for Transport {
             Transport::Tcp(s) => s.read(buf),
             Transport::Unix(s) => s.read(buf),
             Transport::Vsock(s) => s.read(buf),
-            Transport::Serial(f, timeout) => {
-                if let Some(t) = timeout {
-                    wait_readable(f.as_raw_fd(), *t)?;
+            Transport::Serial(f, timeouts) => {
+                if let Some(t) = timeouts.read {
+                    wait_for(f.as_raw_fd(), libc::POLLIN, t)?;
                 }
                 f.read(buf)
             }
@@ -189,17 +211,18 @@ impl Transport {
     }
 }
 
-/// Waits until `fd` has something to read (or its peer hung up, which the
-/// read then reports); `WouldBlock` after `timeout`, as a socket would.
-fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<()> {
+/// Waits until `fd` is ready for `events` (or its peer hung up, which the
+/// read or write then reports); `WouldBlock` after `timeout`, as a socket
+/// would.
+fn wait_for(fd: RawFd, events: libc::c_short, timeout: Duration) -> io::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd { fd, events, revents: 0 };
         // SAFETY: one valid pollfd, for the duration of the call.
         match unsafe { libc::poll(&mut p, 1, ms) } {
-            0 => return Err(io::Error::new(io::ErrorKind::WouldBlock, "read timed out")),
+            0 => return Err(io::Error::new(io::ErrorKind::WouldBlock, "timed out")),
             n if n > 0 => return Ok(()),
             _ => {
                 let e = io::Error::last_os_error();
@@ -233,7 +256,12 @@ impl Write for Transport {
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match (self.socket_fd(), self) {
             (Some(fd), _) => send_nosignal(fd, bufs),
-            (None, Transport::Serial(f, _)) => f.write_vectored(bufs),
+            (None, Transport::Serial(f, timeouts)) => {
+                if let Some(t) = timeouts.write {
+                    wait_for(f.as_raw_fd(), libc::POLLOUT, t)?;
+                }
+                f.write_vectored(bufs)
+            }
             (None, _) => unreachable!("every socket has an fd"),
         }
     }
@@ -293,7 +321,12 @@ pub struct Connection {
 
 impl Connection {
     pub fn connect(addr: &HostAddr, timeout: Duration) -> Result<Connection, GuestError> {
-        let t = Transport::connect(addr, timeout)?;
+        Connection::from_transport(Transport::connect(addr, timeout)?)
+    }
+
+    /// A conversation over a transport opened some other way (an accepted
+    /// socket, in tests that play the host).
+    pub fn from_transport(t: Transport) -> Result<Connection, GuestError> {
         let resync = t.needs_resync();
         let r = t.try_clone()?;
         Ok(Connection {
@@ -374,7 +407,8 @@ mod tests {
             "serial:/dev/virtio-ports/com.helix.frame-export".parse(),
             Ok(HostAddr::Serial("/dev/virtio-ports/com.helix.frame-export".into()))
         );
-        for bad in ["", "tcp:", "tcp:host", "tcp::5", "vsock:2", "unix:", "ftp:x"] {
+        assert_eq!("vsock:5000".parse(), Ok(HostAddr::Vsock(2, 5000)), "no CID: the host's");
+        for bad in ["", "tcp:", "tcp:host", "tcp::5", "vsock:", "unix:", "ftp:x"] {
             assert!(bad.parse::<HostAddr>().is_err(), "{bad}");
         }
         for ok in ["tcp:[::1]:5", "vsock:2:5000", "unix:/x"] {

@@ -1,14 +1,17 @@
-//! Where the host listens or connects: `tcp:HOST:PORT`, `unix:PATH`, `vsock:PORT`.
+//! Where the host listens or connects: `tcp:HOST:PORT`, `unix:PATH`,
+//! `vsock:PORT`, in the grammar every hxfr address uses ([`hxfr_proto::addr`]).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use hxfr_proto::{Addr, defaults};
+
 /// The C element's default port, also ours.
-pub const DEFAULT_TCP_PORT: u16 = 15937;
+pub const DEFAULT_TCP_PORT: u16 = defaults::TCP_PORT;
 /// Helix's well-known vsock port.
-pub const DEFAULT_VSOCK_PORT: u32 = 5000;
+pub const DEFAULT_VSOCK_PORT: u32 = defaults::VSOCK_PORT;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -34,24 +37,31 @@ impl Default for ListenAddr {
 impl FromStr for ListenAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, rest) =
-            s.split_once(':').ok_or_else(|| format!("{s:?}: expected tcp:HOST:PORT, unix:PATH or vsock:PORT"))?;
-        match kind {
-            "tcp" => parse_tcp(rest).map(ListenAddr::Tcp),
-            "unix" if !rest.is_empty() => Ok(ListenAddr::Unix(PathBuf::from(rest))),
-            "vsock" => rest.parse().map(ListenAddr::Vsock).map_err(|_| format!("{s:?}: bad vsock port")),
-            _ => Err(format!("{s:?}: expected tcp:HOST:PORT, unix:PATH or vsock:PORT")),
+        match s.parse::<Addr>().map_err(|e| e.to_string())? {
+            Addr::Tcp { host, port } => tcp_addr(&host, port).map(ListenAddr::Tcp).map_err(|e| format!("{s:?}: {e}")),
+            Addr::Unix(p) => Ok(ListenAddr::Unix(p)),
+            Addr::Vsock { cid: None, port } => Ok(ListenAddr::Vsock(port)),
+            Addr::Vsock { cid: Some(_), .. } => Err(format!("{s:?}: a host listens on vsock:PORT (any CID)")),
+            Addr::Serial(_) => Err(format!("{s:?}: serial ports are reached with --connect, not --listen")),
         }
     }
 }
 
 /// `HOST:PORT`, `[V6]:PORT`, `localhost:PORT`.
 pub fn parse_tcp(s: &str) -> Result<SocketAddr, String> {
-    if let Some(port) = s.strip_prefix("localhost:") {
-        let port = port.parse().map_err(|_| format!("bad port in {s:?}"))?;
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    match format!("tcp:{s}").parse::<Addr>().map_err(|e| e.why)? {
+        Addr::Tcp { host, port } => tcp_addr(&host, port),
+        _ => Err(format!("{s:?}: expected IP:PORT")),
     }
-    s.parse().map_err(|_| format!("{s:?}: expected IP:PORT"))
+}
+
+/// An IP address (or `localhost`) and a port; listeners take no other names.
+fn tcp_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
+    let ip = match host {
+        "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        h => h.parse().map_err(|_| format!("{h:?} is not an IP address (or localhost)"))?,
+    };
+    Ok(SocketAddr::new(ip, port))
 }
 
 impl fmt::Display for ListenAddr {

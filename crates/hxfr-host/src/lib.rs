@@ -8,6 +8,8 @@
 //! One tokio task reads each connection, one thread per session encodes, one
 //! task writes answers; every queue between them is bounded.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 mod addr;
 mod conn;
 mod resolver;

@@ -271,6 +271,7 @@ fn shared_memory_frames() {
     let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     file.set_len(size).unwrap();
     // The guest's view of the region: the same file, mapped writable.
+    // SAFETY: the test's own file, sized above; the host only reads it.
     let mut region = unsafe { memmap2::MmapMut::map_mut(&file).unwrap() };
     let host = Host::start(HostConfig { encoder: EncoderKind::X264, shm_path: Some(path), ..Default::default() });
     let mut c = host.connect(&host.unix_addr());

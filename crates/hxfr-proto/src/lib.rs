@@ -10,15 +10,22 @@
 //! new message types: a peer that does not know them never receives them
 //! unless it asked. See `docs/protocol.md` for the full reference.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
+pub mod addr;
+pub mod annexb;
 #[cfg(feature = "tokio")]
 mod codec;
 mod decode;
+pub mod defaults;
 mod error;
 pub mod fourcc;
 pub mod io;
 pub mod layout;
 mod message;
+mod size;
 
+pub use addr::{Addr, AddrError};
 #[cfg(feature = "tokio")]
 pub use codec::HxfrCodec;
 pub use decode::{DEFAULT_MAX_PAYLOAD, FrameDecoder};
@@ -26,6 +33,7 @@ pub use error::{DecodeError, ErrorCode};
 pub use fourcc::Fourcc;
 pub use layout::{Layout, LayoutError, PixelFormat};
 pub use message::*;
+pub use size::Size;
 
 /// `"HXFR"` read as a little-endian u32.
 pub const MAGIC: u32 = 0x5246_5848;

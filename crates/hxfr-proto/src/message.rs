@@ -2,7 +2,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::{DecodeError, FLAG_PIXEL_DATA, Fourcc, HEADER_LEN, Header, msg_type as t};
+use crate::annexb::has_start_code;
+use crate::{DecodeError, FLAG_PIXEL_DATA, Fourcc, HEADER_LEN, Header, Layout, PixelFormat, msg_type as t};
 
 pub const FRAME_REQUEST_BODY: usize = 44;
 pub const FRAME_RESPONSE_BODY: usize = 24;
@@ -39,6 +40,37 @@ pub struct FrameRequest {
     pub pixels: Option<Bytes>,
 }
 
+impl FrameRequest {
+    /// Pixels on the socket, laid out as [`Layout::inline`] says for `stride`.
+    pub fn inline(format: PixelFormat, width: u32, height: u32, stride: u32, pixels: Bytes) -> FrameRequest {
+        FrameRequest {
+            resource_id: 0,
+            width,
+            height,
+            format: format.fourcc(),
+            stride,
+            pts: 0,
+            duration: 0,
+            force_keyframe: false,
+            pixels: Some(pixels),
+        }
+    }
+
+    /// A frame named by its virtio-gpu resource id (no pixels travel).
+    pub fn resource(resource_id: u32, format: PixelFormat, width: u32, height: u32, stride: u32) -> FrameRequest {
+        FrameRequest { resource_id, pixels: None, ..FrameRequest::inline(format, width, height, stride, Bytes::new()) }
+    }
+
+    /// Presentation time and duration, in ns; the answer echoes `pts`.
+    pub fn timed(self, pts: i64, duration: i64) -> FrameRequest {
+        FrameRequest { pts, duration, ..self }
+    }
+
+    pub fn keyframe(self, force_keyframe: bool) -> FrameRequest {
+        FrameRequest { force_keyframe, ..self }
+    }
+}
+
 /// One plane of a shared-memory frame: where it starts in the region, bytes per row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ShmPlane {
@@ -59,6 +91,33 @@ pub struct ShmFrameRequest {
     pub pts: i64,
     pub duration: i64,
     pub force_keyframe: bool,
+}
+
+impl ShmFrameRequest {
+    /// A frame laid out as `layout` says, starting at byte `base` of the region.
+    pub fn new(layout: &Layout, base: u64) -> ShmFrameRequest {
+        let plane = |p: usize| ShmPlane { offset: base + layout.offsets[p], stride: layout.strides[p] as u32 };
+        let n = layout.format.num_planes();
+        ShmFrameRequest {
+            width: layout.width,
+            height: layout.height,
+            format: layout.format.fourcc(),
+            planes: [plane(0), if n > 1 { plane(1) } else { ShmPlane::default() }],
+            num_planes: n as u32,
+            pts: 0,
+            duration: 0,
+            force_keyframe: false,
+        }
+    }
+
+    /// Presentation time and duration, in ns; the answer echoes `pts`.
+    pub fn timed(self, pts: i64, duration: i64) -> ShmFrameRequest {
+        ShmFrameRequest { pts, duration, ..self }
+    }
+
+    pub fn keyframe(self, force_keyframe: bool) -> ShmFrameRequest {
+        ShmFrameRequest { force_keyframe, ..self }
+    }
 }
 
 /// The host's answer to a frame: one encoded access unit.
@@ -89,10 +148,6 @@ impl FrameResponse {
         }
         out.freeze()
     }
-}
-
-fn has_start_code(b: &[u8]) -> bool {
-    b.starts_with(&[0, 0, 1]) || b.starts_with(&[0, 0, 0, 1])
 }
 
 /// Encoder configuration from the guest.

@@ -3,6 +3,8 @@
 //! default `decode` feature it needs no GStreamer (the static guest program
 //! that the VM tests boot draws its frames with it).
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 #[cfg(feature = "decode")]
 use bytes::Bytes;
 #[cfg(feature = "decode")]
@@ -237,17 +239,5 @@ fn psnr_from(se: u64, n: u64) -> f64 {
 
 /// The NAL unit types in an Annex-B access unit, in order.
 pub fn nal_types(au: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i + 3 <= au.len() {
-        if au[i] == 0 && au[i + 1] == 0 && au[i + 2] == 1 {
-            if i + 3 < au.len() {
-                out.push(au[i + 3] & 0x1f);
-            }
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    out
+    hxfr_proto::annexb::nal_units(au).iter().filter(|n| !n.data.is_empty()).map(|n| n.nal_type()).collect()
 }

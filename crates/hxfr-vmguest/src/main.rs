@@ -9,22 +9,26 @@
 //!
 //! `HXFR-VMGUEST-RESULT frames=N answered=N errors=0 order_errors=0 reconnects=0 keyframes=1 bytes=…`
 //!
-//! When the host goes away (restarted, or a virtio-serial port whose other
-//! end closed) it reconnects, says HELLO again and resends every frame not
-//! yet answered, as vsockenc's users would want.
+//! It talks through the same pipelined client as vsockenc
+//! ([`hxfr_guest::client`]). When the host goes away (restarted, or a
+//! virtio-serial port whose other end closed) it reconnects, says HELLO
+//! again and resends every frame not yet answered.
+
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use hxfr_guest::drm;
+use hxfr_guest::client::{self, Answer, Client, Event, HelloConfig, Link, Lost};
 use hxfr_guest::shm::{self, Region};
-use hxfr_guest::{Connection, HostAddr};
-use hxfr_proto::{FrameRequest, Layout, Message, Packet, PixelFormat, ShmFrameRequest, ShmPlane, features};
+use hxfr_guest::{HostAddr, drm};
+use hxfr_proto::{FrameRequest, Layout, Message, Packet, PixelFormat, ShmFrameRequest, Size, features};
 use hxfr_testkit::{Content, pattern_bgrx, pattern_nv12};
 
 #[derive(Parser, Debug)]
@@ -37,11 +41,11 @@ struct Args {
     /// card, export it as a DMA-BUF and print the resource id vsockenc's
     /// resource mode finds for it (`HXFR-GPU-RESOURCE id=N`).
     #[arg(long, value_name = "WxH")]
-    gpu_resource: Option<String>,
+    gpu_resource: Option<Size>,
     #[arg(long, default_value_t = 30)]
     frames: u32,
     #[arg(long, default_value = "320x240")]
-    size: String,
+    size: Size,
     /// bgrx or nv12
     #[arg(long, default_value = "bgrx")]
     format: String,
@@ -106,7 +110,7 @@ fn log(msg: impl std::fmt::Display) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(size) = &args.gpu_resource {
+    if let Some(size) = args.gpu_resource {
         return match gpu_resource(size) {
             Ok(id) => {
                 println!("HXFR-GPU-RESOURCE id={id}");
@@ -138,17 +142,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    s.split_once('x')
-        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
-        .ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT"))
-}
-
 /// The guest half of zero copy, without GStreamer: a scanout-like buffer on
 /// the virtio-gpu card, and the resource id found for its DMA-BUF the way
 /// vsockenc finds it (render node by vendor, PRIME import, RESOURCE_INFO).
-fn gpu_resource(size: &str) -> Result<u32, String> {
-    let (w, h) = parse_size(size)?;
+fn gpu_resource(size: Size) -> Result<u32, String> {
+    let (w, h) = (size.width, size.height);
     let class = Path::new("/sys/class/drm");
     let card = std::fs::read_dir(class)
         .map_err(|e| format!("{}: {e}", class.display()))?
@@ -164,9 +162,13 @@ fn gpu_resource(size: &str) -> Result<u32, String> {
     gpu.resource_id(std::os::fd::AsRawFd::as_raw_fd(&dmabuf)).map_err(|e| e.to_string())
 }
 
+/// Which conversation a frame was sent in: answers from one a restart
+/// has ended are stale.
+type Tag = (u32, u32);
+
 fn run(args: &Args) -> Result<Tally, String> {
     let host = args.host.clone().ok_or("--host is needed")?;
-    let (width, height) = parse_size(&args.size).map_err(|e| format!("--size {e}"))?;
+    let (width, height) = (args.size.width, args.size.height);
     let (format, bpp) = match args.format.as_str() {
         "bgrx" => (PixelFormat::Bgrx, 4),
         "nv12" => (PixelFormat::Nv12, 1),
@@ -187,9 +189,23 @@ fn run(args: &Args) -> Result<Tally, String> {
     };
 
     let deadline = Instant::now() + Duration::from_secs(args.deadline);
+    let give_up =
+        |next: u32| format!("gave up after {}s with {next} of {} frames answered", args.deadline, args.frames);
+    let config = client::Config {
+        session_id: 1,
+        connect_timeout: Duration::from_secs(5),
+        reply_timeout: Duration::from_secs(args.reply_timeout),
+        max_in_flight: args.in_flight.max(1) as usize,
+        hello: Some(HelloConfig {
+            features: if shm_path.is_some() { features::SHM } else { 0 },
+            timeout: Duration::from_secs(3),
+        }),
+        backoff_min: Duration::from_millis(300),
+        backoff_max: Duration::from_secs(2),
+        ..client::Config::new(host)
+    };
+    let (events_tx, events) = mpsc::channel::<Event<Tag>>();
     let mut t = Tally::default();
-    let mut next = 0u32; // the first frame without an answer
-    let mut first = true;
     let mut last_err = String::new();
     // Retries repeat the same failure: say it once.
     let mut say = |e: String| {
@@ -198,87 +214,95 @@ fn run(args: &Args) -> Result<Tally, String> {
             last_err = e;
         }
     };
-    'conversation: while next < args.frames {
-        if Instant::now() > deadline {
-            return Err(format!("gave up after {}s with {next} of {} frames answered", args.deadline, args.frames));
-        }
-        if !first {
-            t.reconnects += 1;
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        first = false;
-        let mut conn = match Connection::connect(&host, Duration::from_secs(5)) {
-            Ok(c) => c,
-            Err(e) => {
+    let mut client = loop {
+        match Client::connect(config.clone(), Arc::new(events_tx.clone())) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
                 say(e.to_string());
-                continue;
+                std::thread::sleep(config.backoff_min);
             }
-        };
-        let wanted = if shm_path.is_some() { features::SHM } else { 0 };
-        let hello = match conn.hello(wanted, Duration::from_secs(3)) {
-            Ok(h) => h,
+            Err(e) => return Err(format!("{e}; {}", give_up(0))),
+        }
+    };
+
+    let mut next = 0u32; // the first frame without an answer
+    let mut sent = 0u32;
+    let mut conversation = 0u32;
+    let mut region: Option<Region> = None;
+    let mut fresh = true;
+    while next < args.frames {
+        if Instant::now() > deadline {
+            return Err(give_up(next));
+        }
+        match client.ensure() {
+            Ok(Link::Up) if !fresh => {}
+            Ok(link) => {
+                // A new conversation: everything not answered is sent again.
+                if link == Link::Reconnected {
+                    t.reconnects += 1;
+                }
+                fresh = false;
+                conversation += 1;
+                sent = next;
+                let Some(hello) = client.hello().copied() else {
+                    say("the host does not answer HELLO (not an hxfr host?)".into());
+                    client.kill("no HELLO");
+                    continue;
+                };
+                log(format!(
+                    "host speaks version {}, features {:#x}, {} frames in flight, shared memory {} bytes",
+                    hello.version, hello.features, hello.max_in_flight, hello.shm_size
+                ));
+                if let Some(p) = &shm_path {
+                    if hello.features & features::SHM == 0 {
+                        return Err("the host does not serve shared-memory frames (start it with --shm)".into());
+                    }
+                    let r = Region::open(p, frames.bytes(), client.window())
+                        .map_err(|e| format!("{}: {e}", p.display()))?;
+                    client.set_areas(r.areas);
+                    region = Some(r);
+                }
+            }
             Err(e) => {
                 say(format!("HELLO: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        while sent < args.frames && sent - next < client.window() as u32 {
+            if args.die_mid_frame == Some(sent) {
+                let mut b = bytes::BytesMut::new();
+                inline_request(&frames, sent).encode(&mut b);
+                let _ = client.write_raw(&b[..b.len() / 2]);
+                log(format!("dying half-way through frame {sent}"));
+                std::process::exit(3);
+            }
+            let area = region.as_ref().and_then(|_| client.take_area());
+            let packet = match (region.as_mut(), area) {
+                (Some(r), Some(a)) => shm_request(&frames, r, sent, a),
+                (Some(_), None) => return Err("no free shared-memory area inside the window".into()),
+                (None, _) => inline_request(&frames, sent),
+            };
+            if let Err(e) = client.send((conversation, sent), area, &packet) {
+                log(format!("send: {e}"));
+                break;
+            }
+            sent += 1;
+            if args.pace_ms > 0 {
+                std::thread::sleep(Duration::from_millis(args.pace_ms));
+            }
+        }
+        let event = match events.recv_timeout(Duration::from_secs(args.reply_timeout)) {
+            Ok(e) => e,
+            Err(_) => {
+                log(format!("no answer for frame {next} in {}s: starting over", args.reply_timeout));
+                client.kill("no answer");
                 continue;
             }
         };
-        log(format!(
-            "host speaks version {}, features {:#x}, {} frames in flight, shared memory {} bytes",
-            hello.version, hello.features, hello.max_in_flight, hello.shm_size
-        ));
-        let mut window = args.in_flight.min(hello.max_in_flight).max(1);
-        let mut region = match &shm_path {
-            Some(p) => {
-                if hello.features & features::SHM == 0 {
-                    return Err("the host does not serve shared-memory frames (start it with --shm)".into());
-                }
-                let r =
-                    Region::open(p, frames.bytes(), window as usize).map_err(|e| format!("{}: {e}", p.display()))?;
-                window = window.min(r.areas as u32);
-                Some(r)
-            }
-            None => None,
-        };
-        conn.rx.set_timeout(Some(Duration::from_secs(args.reply_timeout))).map_err(|e| e.to_string())?;
-
-        let mut sent = next;
-        loop {
-            while sent < args.frames && sent - next < window {
-                if args.die_mid_frame == Some(sent) {
-                    let mut b = bytes::BytesMut::new();
-                    inline_request(&frames, sent).encode(&mut b);
-                    let _ = conn.tx.write_raw(&b[..b.len() / 2]);
-                    log(format!("dying half-way through frame {sent}"));
-                    std::process::exit(3);
-                }
-                let packet = match region.as_mut() {
-                    Some(r) => shm_request(&frames, r, sent, window),
-                    None => inline_request(&frames, sent),
-                };
-                if let Err(e) = conn.send(&packet) {
-                    log(format!("send: {e}"));
-                    continue 'conversation;
-                }
-                sent += 1;
-                if args.pace_ms > 0 {
-                    std::thread::sleep(Duration::from_millis(args.pace_ms));
-                }
-            }
-            if next == args.frames {
-                break 'conversation;
-            }
-            match conn.recv() {
-                Ok(Packet { message: Message::FrameResponse(r), .. }) => {
-                    if r.pts > next as i64 && conn.tx.transport().needs_resync() {
-                        // A virtio-serial port outlives the host behind it: a
-                        // host restarted while we were writing loses frames
-                        // without closing anything we can see. A gap says so.
-                        log(format!(
-                            "answer for frame {} while waiting for {next} (host restarted?): starting over",
-                            r.pts
-                        ));
-                        continue 'conversation;
-                    }
+        match event {
+            Event::Answered { pending, answer } if pending.tag.0 == conversation => match answer {
+                Answer::Frame(r) => {
                     if r.pts != next as i64 {
                         log(format!("answer for frame {} while waiting for {next}", r.pts));
                         t.order_errors += 1;
@@ -295,22 +319,23 @@ fn run(args: &Args) -> Result<Tally, String> {
                         log(format!("{next} of {} frames answered", args.frames));
                     }
                 }
-                Ok(Packet { message: Message::Error { code, message }, .. }) => {
+                Answer::Error { code, message } => {
                     log(format!("host refused frame {next}: ERROR {code}: {message}"));
                     t.errors += 1;
                     next += 1;
                 }
-                Ok(_) => {}
-                Err(e) if e.is_timeout() => {
-                    log(format!("no answer for frame {next} in {}s: starting over", args.reply_timeout));
-                    continue 'conversation;
-                }
-                Err(e) if e.is_fatal() => {
-                    log(format!("host connection lost: {e}"));
-                    continue 'conversation;
-                }
-                Err(e) => log(format!("skipped a bad message: {e}")),
+            },
+            // A virtio-serial port outlives the host behind it: a host
+            // restarted while we were writing loses frames without closing
+            // anything we can see. An answer past a gap says so.
+            Event::Lost { pending, why: Lost::Skipped } if pending.first().is_some_and(|p| p.tag.0 == conversation) => {
+                log(format!("an answer skipped frame {next} (host restarted?): starting over"));
+                conversation += 1; // what this conversation still sends is stale
+                client.kill("starting over");
             }
+            Event::Lost { why: Lost::Disconnected(why), .. } => log(format!("host connection lost: {why}")),
+            Event::Unreadable(e) => log(format!("skipped a bad message: {e}")),
+            _ => {} // stale answers, asides (CONFIG_RESP, PONG)
         }
     }
     if let Some(o) = out.as_mut() {
@@ -320,43 +345,18 @@ fn run(args: &Args) -> Result<Tally, String> {
 }
 
 fn inline_request(f: &Frames, i: u32) -> Packet {
-    Packet::new(
-        1,
-        Message::FrameRequest(FrameRequest {
-            resource_id: 0,
-            width: f.width,
-            height: f.height,
-            format: f.format.fourcc(),
-            stride: f.stride,
-            pts: i as i64,
-            duration: 33_333_333,
-            force_keyframe: false,
-            pixels: Some(Bytes::from(f.pixels(i))),
-        }),
-    )
+    let req = FrameRequest::inline(f.format, f.width, f.height, f.stride, Bytes::from(f.pixels(i)));
+    Packet::new(1, Message::FrameRequest(req.timed(i as i64, 33_333_333)))
 }
 
-/// Frame `i` goes into area `i % window`: the host has answered the frame
-/// that used it before, or it could not be in flight.
-fn shm_request(f: &Frames, r: &mut Region, i: u32, window: u32) -> Packet {
-    let (offset, area) = r.area((i % window) as usize);
+/// Frame `i` goes into shared-memory area `area`, which the client handed
+/// out free (the frame that used it before has been answered).
+fn shm_request(f: &Frames, r: &mut Region, i: u32, area: usize) -> Packet {
+    let (offset, dst) = r.area(area);
     let px = f.pixels(i);
-    area[..px.len()].copy_from_slice(&px);
+    dst[..px.len()].copy_from_slice(&px);
     let l = Layout::inline(f.format, f.width, f.height, f.stride);
-    let plane = |p: usize| ShmPlane { offset: offset + l.offsets[p], stride: l.strides[p] as u32 };
-    Packet::new(
-        1,
-        Message::ShmFrameRequest(ShmFrameRequest {
-            width: f.width,
-            height: f.height,
-            format: f.format.fourcc(),
-            planes: [plane(0), plane(1)],
-            num_planes: f.format.num_planes() as u32,
-            pts: i as i64,
-            duration: 33_333_333,
-            force_keyframe: false,
-        }),
-    )
+    Packet::new(1, Message::ShmFrameRequest(ShmFrameRequest::new(&l, offset).timed(i as i64, 33_333_333)))
 }
 
 fn write_record(o: &mut File, pts: u32, au: &[u8]) -> std::io::Result<()> {

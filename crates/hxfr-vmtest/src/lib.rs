@@ -9,6 +9,8 @@
 //!
 //! QEMU runs under TCG by default; `HXFR_VM_ACCEL=kvm` asks for KVM.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -363,18 +365,13 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
 /// or at a slice whose `first_mb_in_slice` is 0 (x264 may cut a picture
 /// into several slices).
 pub fn split_access_units(stream: &[u8]) -> Vec<Bytes> {
-    let mut nals = Vec::new(); // (offset of the start code, NAL type, first slice of a picture)
-    let mut i = 0;
-    while i + 4 < stream.len() {
-        if stream[i] == 0 && stream[i + 1] == 0 && stream[i + 2] == 1 {
-            let at = if i > 0 && stream[i - 1] == 0 { i - 1 } else { i };
-            // first_mb_in_slice is ue(v): 0 is the single bit 1.
-            nals.push((at, stream[i + 3] & 0x1f, stream[i + 4] & 0x80 != 0));
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
+    // (offset of the start code, NAL type, first slice of a picture)
+    let nals: Vec<(usize, u8, bool)> = hxfr_proto::annexb::nal_units(stream)
+        .iter()
+        .filter(|n| n.data.len() >= 2)
+        // first_mb_in_slice is ue(v): 0 is the single bit 1.
+        .map(|n| (n.start_code_at, n.nal_type(), n.data[1] & 0x80 != 0))
+        .collect();
     let mut aus = Vec::new();
     let mut au_start: Option<usize> = None;
     let mut in_picture = false;

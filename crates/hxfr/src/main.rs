@@ -1,5 +1,7 @@
 //! `hxfr`: one binary, thin over the libraries.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 mod bridge;
 mod demo;
 
@@ -107,10 +109,8 @@ fn main() -> Result<()> {
 
 /// `WIDTHxHEIGHT`.
 pub(crate) fn parse_size(s: &str) -> Result<(u32, u32)> {
-    s.split_once('x')
-        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
-        .filter(|&(w, h)| w > 0 && h > 0)
-        .with_context(|| format!("size {s:?}: expected WIDTHxHEIGHT, e.g. 1280x720"))
+    let z: hxfr_proto::Size = s.parse().map_err(anyhow::Error::msg)?;
+    Ok((z.width, z.height))
 }
 
 fn host(a: HostArgs) -> Result<()> {

@@ -1,7 +1,15 @@
 use gst::glib;
 use gst::prelude::*;
 
+mod answers;
 mod imp;
+mod lock;
+mod settings;
+mod transfer;
+
+static CAT: std::sync::LazyLock<gst::DebugCategory> = std::sync::LazyLock::new(|| {
+    gst::DebugCategory::new("vsockenc", gst::DebugColorFlags::empty(), Some("hxfr host-offload H.264 encoder"))
+});
 
 glib::wrapper! {
     pub struct VsockEnc(ObjectSubclass<imp::VsockEnc>) @extends gst_video::VideoEncoder, gst::Element, gst::Object;
