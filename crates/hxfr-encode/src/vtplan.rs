@@ -581,7 +581,7 @@ mod tests {
         // 4x2 BGRx with a padded source stride into a destination stride of 32.
         let src: Vec<u8> = (0..2 * 20).map(|i| i as u8).collect();
         let f = frame(&src, PixelFormat::Bgrx, 4, 2, 20);
-        let mut d = vec![0xeeu8; 64];
+        let mut d = [0xeeu8; 64];
         copy_frame(&f, &mut [&mut d[..]], &[32]).unwrap();
         assert_eq!(&d[..16], &src[..16]);
         assert_eq!(&d[16..32], &[0xee; 16], "destination padding untouched");
