@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test check deps build lint fuzz bench vm-image vm-test
+.PHONY: demo test check deps build lint check-macos fuzz bench vm-image vm-test
 
 deps:
 	@bash scripts/install-deps.sh
@@ -27,6 +27,19 @@ lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) --locked -- -D warnings
 
+# The macOS host, type-checked here (no Apple SDK or linker needed): hxfr-host
+# and hxfr-encode with their defaults (VideoToolbox on, no Linux-only -sys
+# crate), hxfr-encode with videotoolbox named, and `hxfr host` alone.
+MACOS_TARGET = aarch64-apple-darwin
+MACOS = --target $(MACOS_TARGET) --locked
+check-macos:
+	@rustup target list --installed | grep -qx $(MACOS_TARGET) || rustup target add $(MACOS_TARGET)
+	$(CARGO) check $(MACOS) -p hxfr-host -p hxfr-encode
+	$(CARGO) check $(MACOS) -p hxfr-encode --no-default-features --features videotoolbox
+	$(CARGO) check $(MACOS) -p hxfr --no-default-features --features videotoolbox
+	$(CARGO) clippy $(MACOS) -p hxfr-host -p hxfr-encode -- -D warnings
+	$(CARGO) clippy $(MACOS) -p hxfr --no-default-features --features videotoolbox -- -D warnings
+
 # What the VM tests boot, cached under target/vm: Debian's cloud kernel, a
 # busybox initramfs with the static hxfr-vmguest, one with GStreamer and
 # vsockenc, and vhost-device-vsock (about 2 minutes cold, seconds warm).
@@ -39,7 +52,7 @@ vm-test: vm-image
 	$(CARGO) nextest run -p hxfr-vmtest $(FEATURES) --locked --no-fail-fast
 
 # Everything, the VM tests included; cargo-nextest prints one summary line.
-test: lint vm-image
+test: lint check-macos vm-image
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
 	$(CARGO) nextest run --workspace $(FEATURES) --locked --no-fail-fast
 

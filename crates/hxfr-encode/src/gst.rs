@@ -251,17 +251,6 @@ pub fn probe(factory: &str) -> Result<(), EncodeError> {
     if gst::ElementFactory::find(factory).is_none() {
         return Err(EncodeError::Unavailable(format!("gst:{factory}")));
     }
-    let config = EncoderConfig::new(128, 64);
-    let mut enc = GstEncoder::new(factory, &config)?;
-    let y = vec![128u8; 128 * 64];
-    let uv = vec![128u8; 128 * 32];
-    let frame = Frame {
-        format: PixelFormat::Nv12,
-        width: 128,
-        height: 64,
-        planes: [&y, &uv],
-        strides: [128, 128],
-        force_keyframe: true,
-    };
-    enc.encode(&frame).map(|_| ())
+    let (w, h) = crate::PROBE_SIZE;
+    crate::probe_encode(&mut GstEncoder::new(factory, &EncoderConfig::new(w, h))?)
 }

@@ -1,22 +1,26 @@
 //! H.264 encoders for the hxfr host, behind one [`Encoder`] trait.
 //!
 //! Each backend lives in its own module behind a cargo feature (as crosvm's
-//! video device does): `x264` wraps libx264 directly; `gst` drives any
-//! GStreamer H.264 encoder element, which is how a host with hardware gets it
-//! (VideoToolbox on a Mac, NVENC or VA-API on Linux). [`open`] builds one from
-//! an [`EncoderKind`]; `auto` probes hardware in a documented order and falls
-//! back to x264.
+//! video device does): `videotoolbox` drives Apple's VideoToolbox directly
+//! (macOS); `x264` wraps libx264 directly; `gst` drives any GStreamer H.264
+//! encoder element, which is how a Linux host with hardware gets it (NVENC,
+//! VA-API, Quick Sync). [`open`] builds one from an [`EncoderKind`]; `auto`
+//! probes hardware in a documented order and falls back to x264.
 //!
 //! Every backend is low latency: one access unit out for every frame in, in
 //! order, SPS/PPS in front of every IDR, no B-frames.
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
+pub mod avcc;
 pub mod convert;
 mod frame;
-#[cfg(feature = "gst")]
+#[cfg(all(feature = "gst", not(target_os = "macos")))]
 pub mod gst;
-#[cfg(feature = "x264")]
+#[cfg(all(feature = "videotoolbox", target_os = "macos"))]
+pub mod videotoolbox;
+mod vtplan;
+#[cfg(all(feature = "x264", not(target_os = "macos")))]
 pub mod x264;
 
 use std::fmt;
@@ -97,6 +101,9 @@ pub enum EncodeError {
     Encode(String),
     #[error("colour conversion failed: {0}")]
     Convert(String),
+    /// A platform framework call (VideoToolbox, CoreVideo, CoreMedia) failed.
+    #[error("{call} failed: OSStatus {status}")]
+    OsStatus { call: String, status: i32 },
 }
 
 /// A low-latency H.264 encoder: every frame in gives one access unit out.
@@ -111,16 +118,18 @@ pub trait Encoder: Send {
 /// Which backend to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EncoderKind {
-    /// Probe [`HARDWARE_ELEMENTS`] then fall back to x264.
+    /// VideoToolbox on macOS; elsewhere [`HARDWARE_ELEMENTS`], then x264.
     Auto,
+    /// Apple's VideoToolbox, called directly (macOS).
+    VideoToolbox,
     X264,
     /// A GStreamer H.264 encoder element by factory name.
     Gst(String),
 }
 
-/// GStreamer elements `auto` tries, in this order: VideoToolbox (macOS),
-/// NVENC, VA (new then legacy), Intel Quick Sync. The first that encodes a
-/// test frame wins.
+/// GStreamer elements `auto` tries, in this order: VideoToolbox, NVENC, VA
+/// (new then legacy), Intel Quick Sync. The first that encodes a test frame
+/// wins. (Not on macOS, where VideoToolbox is called directly.)
 pub const HARDWARE_ELEMENTS: &[&str] =
     &["vtenc_h264_hw", "vtenc_h264", "nvh264enc", "vah264enc", "vaapih264enc", "qsvh264enc"];
 
@@ -129,10 +138,11 @@ impl FromStr for EncoderKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "auto" => Ok(EncoderKind::Auto),
+            "videotoolbox" => Ok(EncoderKind::VideoToolbox),
             "x264" => Ok(EncoderKind::X264),
             _ => match s.strip_prefix("gst:") {
                 Some(e) if !e.is_empty() => Ok(EncoderKind::Gst(e.to_string())),
-                _ => Err(format!("unknown encoder {s:?}: use auto, x264 or gst:ELEMENT")),
+                _ => Err(format!("unknown encoder {s:?}: use auto, videotoolbox, x264 or gst:ELEMENT")),
             },
         }
     }
@@ -142,18 +152,38 @@ impl fmt::Display for EncoderKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EncoderKind::Auto => f.write_str("auto"),
+            EncoderKind::VideoToolbox => f.write_str("videotoolbox"),
             EncoderKind::X264 => f.write_str("x264"),
             EncoderKind::Gst(e) => write!(f, "gst:{e}"),
         }
     }
 }
 
-/// Resolves `auto` to a concrete backend by trying each hardware element on a
-/// small test frame. Call once at start-up; the answer does not change.
+/// Resolves `auto` to a concrete backend. Call once at start-up; the answer
+/// does not change.
+///
+/// On macOS that is VideoToolbox, the only encoder built there; a test
+/// frame is encoded so that a broken one shows at start. Elsewhere each
+/// element of [`HARDWARE_ELEMENTS`] is tried on a test frame, then x264.
 pub fn resolve(kind: &EncoderKind) -> EncoderKind {
     if *kind != EncoderKind::Auto {
         return kind.clone();
     }
+    resolve_auto()
+}
+
+#[cfg(target_os = "macos")]
+fn resolve_auto() -> EncoderKind {
+    #[cfg(feature = "videotoolbox")]
+    match videotoolbox::probe() {
+        Ok(()) => tracing::info!(encoder = "videotoolbox", "hardware encoder found"),
+        Err(e) => tracing::warn!(encoder = "videotoolbox", "test encode failed: {e}; sessions will try again"),
+    }
+    EncoderKind::VideoToolbox
+}
+
+#[cfg(not(target_os = "macos"))]
+fn resolve_auto() -> EncoderKind {
     #[cfg(feature = "gst")]
     for name in HARDWARE_ELEMENTS {
         let k = EncoderKind::Gst(name.to_string());
@@ -169,14 +199,65 @@ pub fn resolve(kind: &EncoderKind) -> EncoderKind {
     EncoderKind::X264
 }
 
+/// The size of the frame `auto` tries a hardware encoder with.
+#[cfg(any(all(feature = "gst", not(target_os = "macos")), all(feature = "videotoolbox", target_os = "macos")))]
+const PROBE_SIZE: (u32, u32) = (128, 64);
+
+/// Whether `enc` (opened at [`PROBE_SIZE`]) encodes one grey NV12 frame as an IDR.
+#[cfg(any(all(feature = "gst", not(target_os = "macos")), all(feature = "videotoolbox", target_os = "macos")))]
+fn probe_encode(enc: &mut dyn Encoder) -> Result<(), EncodeError> {
+    let (w, h) = PROBE_SIZE;
+    let y = vec![128u8; (w * h) as usize];
+    let uv = vec![128u8; (w * h / 2) as usize];
+    let frame = Frame {
+        format: PixelFormat::Nv12,
+        width: w,
+        height: h,
+        planes: [&y, &uv],
+        strides: [w as usize, w as usize],
+        force_keyframe: true,
+    };
+    enc.encode(&frame).map(|_| ())
+}
+
 /// Builds an encoder. `Auto` is resolved first (prefer resolving once with
 /// [`resolve`] and passing the result).
 pub fn open(kind: &EncoderKind, config: &EncoderConfig) -> Result<Box<dyn Encoder>, EncodeError> {
     match resolve(kind) {
-        #[cfg(feature = "x264")]
+        #[cfg(all(feature = "videotoolbox", target_os = "macos"))]
+        EncoderKind::VideoToolbox => Ok(Box::new(videotoolbox::VtEncoder::new(config)?)),
+        #[cfg(all(feature = "x264", not(target_os = "macos")))]
         EncoderKind::X264 => Ok(Box::new(x264::X264Encoder::new(config)?)),
-        #[cfg(feature = "gst")]
+        #[cfg(all(feature = "gst", not(target_os = "macos")))]
         EncoderKind::Gst(element) => Ok(Box::new(gst::GstEncoder::new(&element, config)?)),
         other => Err(EncodeError::Unavailable(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoder_kinds_parse_and_print() {
+        for (text, kind) in [
+            ("auto", EncoderKind::Auto),
+            ("videotoolbox", EncoderKind::VideoToolbox),
+            ("x264", EncoderKind::X264),
+            ("gst:nvh264enc", EncoderKind::Gst("nvh264enc".into())),
+        ] {
+            assert_eq!(text.parse::<EncoderKind>().unwrap(), kind);
+            assert_eq!(kind.to_string(), text);
+        }
+        for bad in ["", "gst:", "vt", "nvenc"] {
+            assert!(bad.parse::<EncoderKind>().is_err(), "{bad}");
+        }
+    }
+
+    #[cfg(not(target_os = "macos"))]
+    #[test]
+    fn videotoolbox_is_unavailable_off_macos() {
+        let e = open(&EncoderKind::VideoToolbox, &EncoderConfig::new(64, 64)).err().unwrap();
+        assert!(matches!(&e, EncodeError::Unavailable(k) if k == "videotoolbox"), "{e}");
     }
 }

@@ -103,6 +103,8 @@ pub enum HostError {
         "refusing to listen on {0}: it is reachable from other machines and frames are screen contents; pass --allow-remote if you mean it"
     )]
     RemoteNotAllowed(String),
+    #[error("cannot listen on {addr}: {why}")]
+    Unsupported { addr: String, why: &'static str },
     #[error("cannot map shared memory {path}: {source}")]
     Shm { path: PathBuf, source: std::io::Error },
     #[error("cannot start the runtime: {0}")]
@@ -126,6 +128,7 @@ pub(crate) struct Ctx {
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+    #[cfg(target_os = "linux")]
     Vsock(tokio_vsock::VsockListener, u32),
 }
 
@@ -135,6 +138,7 @@ impl Listener {
         match self {
             Listener::Tcp(l) => ListenAddr::Tcp(l.local_addr().expect("bound socket has an address")),
             Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+            #[cfg(target_os = "linux")]
             Listener::Vsock(_, port) => ListenAddr::Vsock(*port),
         }
     }
@@ -202,10 +206,16 @@ impl Host {
                 }
                 Ok(Listener::Unix(UnixListener::bind(p).map_err(err)?, p.clone()))
             }
+            #[cfg(target_os = "linux")]
             ListenAddr::Vsock(port) => {
                 let a = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
                 Ok(Listener::Vsock(tokio_vsock::VsockListener::bind(a).map_err(err)?, *port))
             }
+            #[cfg(not(target_os = "linux"))]
+            ListenAddr::Vsock(_) => Err(HostError::Unsupported {
+                addr: addr.to_string(),
+                why: "vsock (AF_VSOCK) needs a Linux host; listen on tcp: or unix: instead (a QEMU guest on user networking reaches tcp:127.0.0.1:15937 at 10.0.2.2:15937)",
+            }),
         }
     }
 
@@ -258,6 +268,7 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: Listener) {
             Listener::Unix(l, p) => l.accept().await.map(|(s, _)| {
                 tokio::spawn(conn::serve(ctx.clone(), s, format!("unix:{}", p.display()), StreamKind::Socket))
             }),
+            #[cfg(target_os = "linux")]
             Listener::Vsock(l, _) => l.accept().await.map(|(s, a)| {
                 tokio::spawn(conn::serve(ctx.clone(), s, format!("vsock:{}:{}", a.cid(), a.port()), StreamKind::Socket))
             }),

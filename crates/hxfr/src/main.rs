@@ -2,7 +2,9 @@
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
+#[cfg(feature = "gstreamer")]
 mod bridge;
+#[cfg(feature = "gstreamer")]
 mod demo;
 
 use std::path::PathBuf;
@@ -25,13 +27,17 @@ struct Cli {
 enum Command {
     /// Serve guests: take raw frames, answer each with H.264, in order.
     Host(HostArgs),
+    #[cfg(feature = "gstreamer")]
     /// Guest side: capture, encode (on the host through vsockenc, or locally), serve the page.
     Bridge(bridge::BridgeArgs),
+    #[cfg(feature = "gstreamer")]
     /// Watch a bridge like a viewer and report frames, fps, bitrate, latency.
     Stream(bridge::StreamArgs),
+    #[cfg(feature = "gstreamer")]
     /// The whole system on this machine: a host, a bridge encoding through
     /// it, and the page to open.
     Demo(demo::DemoArgs),
+    #[cfg(feature = "gstreamer")]
     /// Measure the offload paths side by side against the encoder in-process.
     Bench(hxfr_bench::BenchArgs),
 }
@@ -47,7 +53,8 @@ struct HostArgs {
     /// port such as com.helix.frame-export; reconnects when the VM restarts.
     #[arg(long = "connect", value_name = "unix:PATH")]
     connect: Vec<String>,
-    /// auto (hardware first, then x264), x264, or gst:ELEMENT.
+    /// auto (hardware first: VideoToolbox on macOS, GStreamer elements
+    /// elsewhere; then x264), videotoolbox, x264, or gst:ELEMENT.
     #[arg(long, default_value = "auto")]
     encoder: EncoderKind,
     /// x264 speed preset.
@@ -87,7 +94,10 @@ fn main() -> Result<()> {
     // The server logs its sessions; the measuring commands print their own
     // report and only want the host's warnings.
     let default_filter = match cli.command {
-        Command::Host(_) | Command::Bridge(_) => "info",
+        Command::Host(_) => "info",
+        #[cfg(feature = "gstreamer")]
+        Command::Bridge(_) => "info",
+        #[allow(unreachable_patterns)] // only Host without the gstreamer feature
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -100,14 +110,19 @@ fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Host(a) => host(a),
+        #[cfg(feature = "gstreamer")]
         Command::Bridge(a) => bridge::bridge(a),
+        #[cfg(feature = "gstreamer")]
         Command::Stream(a) => bridge::stream(a),
+        #[cfg(feature = "gstreamer")]
         Command::Demo(a) => demo::run(a),
+        #[cfg(feature = "gstreamer")]
         Command::Bench(a) => hxfr_bench::run(a).map(|_| ()),
     }
 }
 
 /// `WIDTHxHEIGHT`.
+#[cfg(feature = "gstreamer")]
 pub(crate) fn parse_size(s: &str) -> Result<(u32, u32)> {
     let z: hxfr_proto::Size = s.parse().map_err(anyhow::Error::msg)?;
     Ok((z.width, z.height))

@@ -122,7 +122,7 @@ fn host_serves_then_stops_on_ctrl_c_with_final_stats() {
 fn bad_flags_say_what_is_wrong() {
     let cases: [(&[&str], &str); 5] = [
         (&["host", "--listen", "tcp:0.0.0.0:0"], "--allow-remote"),
-        (&["host", "--encoder", "quantum"], "use auto, x264 or gst:ELEMENT"),
+        (&["host", "--encoder", "quantum"], "unknown encoder \"quantum\": use auto,"),
         (&["host", "--listen", "carrier-pigeon:1"], "expected tcp:HOST:PORT"),
         (&["demo", "--size", "big"], "expected WIDTHxHEIGHT"),
         (&["bridge", "--source", "webcam"], "expected test, x11"),
