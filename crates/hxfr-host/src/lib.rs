@@ -7,21 +7,33 @@
 //!
 //! One tokio task reads each connection, one thread per session encodes, one
 //! task writes answers; every queue between them is bounded.
+//!
+//! The modules depend one way: `lib` (listeners, accept and connect loops)
+//! → `conn` (one connection: reader, dispatch, writer) → `session` (one
+//! stream: its encoder and its answers, in order). Each hands the next only
+//! the parts it uses. Below them sit leaves: `source` (the one seam for the
+//! three places a frame's pixels can be), `resolver` (resource id → pixels),
+//! `shm`, `budget` (`--max-buffered-mib`), `encoder`, `stats`, `addr`.
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 mod addr;
+mod budget;
 mod conn;
+mod encoder;
 mod resolver;
 mod session;
 mod shm;
+mod source;
 mod stats;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use budget::Budget;
+use encoder::EncoderFactory;
 use hxfr_encode::EncoderKind;
 use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
@@ -29,8 +41,9 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 pub use addr::{DEFAULT_TCP_PORT, DEFAULT_VSOCK_PORT, ListenAddr, parse_tcp};
+pub use budget::BufferGauge;
 pub use conn::StreamKind;
-pub use resolver::{ResolveError, Resolved, ResourceResolver};
+pub use resolver::{MemoryResolver, Peer, ResolveError, Resolved, ResourceResolver};
 pub use shm::ShmRegion;
 pub use stats::{SessionInfo, Snapshot, StatsRegistry};
 
@@ -109,17 +122,22 @@ pub enum HostError {
     Runtime(std::io::Error),
 }
 
-/// State shared by every connection.
-pub(crate) struct Ctx {
-    pub config: HostConfig,
-    /// `config.encoder` with `auto` resolved once at start.
-    pub encoder_kind: EncoderKind,
-    pub shm: Option<Arc<ShmRegion>>,
-    pub stats: StatsRegistry,
-    pub next_conn_id: AtomicU64,
-    pub conn_slots: Arc<Semaphore>,
-    /// `limits.max_buffered` in KiB permits.
-    pub buffer_budget: Arc<Semaphore>,
+/// What the accept and connect loops share: the parts every connection
+/// gets, connection ids, and connection slots.
+struct Acceptor {
+    conns: Arc<conn::Shared>,
+    next_conn_id: AtomicU64,
+    slots: Arc<Semaphore>,
+}
+
+impl Acceptor {
+    fn serve<S>(&self, stream: S, peer: String, kind: StreamKind) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        conn::serve(self.conns.clone(), id, stream, peer, kind)
+    }
 }
 
 /// A bound listener, ready to serve.
@@ -142,13 +160,19 @@ impl Listener {
 
 #[derive(Clone)]
 pub struct Host {
-    ctx: Arc<Ctx>,
+    acceptor: Arc<Acceptor>,
+    /// `config.encoder` with `auto` resolved once at start.
+    encoder: EncoderKind,
+    stats: StatsRegistry,
+    budget: Arc<Budget>,
+    stats_interval: Option<Duration>,
+    allow_remote: bool,
 }
 
 impl Host {
     /// Resolves the encoder (`auto` probes hardware once) and maps shared memory.
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
-        let encoder_kind = hxfr_encode::resolve(&config.encoder);
+        let encoder = hxfr_encode::resolve(&config.encoder);
         let shm = match &config.shm_path {
             Some(p) => {
                 let r = ShmRegion::open(p).map_err(|source| HostError::Shm { path: p.clone(), source })?;
@@ -157,29 +181,46 @@ impl Host {
             }
             None => None,
         };
-        let conn_slots = Arc::new(Semaphore::new(config.limits.max_connections.max(1)));
-        let budget_kib = (config.limits.max_buffered / 1024).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
-        let buffer_budget = Arc::new(Semaphore::new(budget_kib));
+        let limits = &config.limits;
+        let stats = StatsRegistry::default();
+        let budget = Arc::new(Budget::new(limits.max_buffered));
+        let conns = Arc::new(conn::Shared {
+            max_sessions: limits.max_sessions,
+            max_payload: limits.max_payload,
+            max_in_flight: limits.max_in_flight,
+            budget: budget.clone(),
+            encoders: Arc::new(EncoderFactory::new(encoder.clone(), config.x264_preset, config.encoder_threads)),
+            shm,
+            resolver: config.resolver,
+            stats: stats.clone(),
+        });
+        let acceptor = Arc::new(Acceptor {
+            conns,
+            next_conn_id: AtomicU64::new(1),
+            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+        });
         Ok(Host {
-            ctx: Arc::new(Ctx {
-                config,
-                encoder_kind,
-                shm,
-                stats: StatsRegistry::default(),
-                next_conn_id: AtomicU64::new(1),
-                conn_slots,
-                buffer_budget,
-            }),
+            acceptor,
+            encoder,
+            stats,
+            budget,
+            stats_interval: config.stats_interval,
+            allow_remote: config.allow_remote,
         })
     }
 
     /// The encoder sessions will use (`auto` already resolved).
     pub fn encoder(&self) -> &EncoderKind {
-        &self.ctx.encoder_kind
+        &self.encoder
     }
 
     pub fn stats(&self) -> StatsRegistry {
-        self.ctx.stats.clone()
+        self.stats.clone()
+    }
+
+    /// How much of `--max-buffered-mib` is taken, and who waits for it.
+    pub fn buffers(&self) -> BufferGauge {
+        self.budget.gauge()
     }
 
     /// Binds a listener (needs a tokio runtime).
@@ -188,7 +229,7 @@ impl Host {
         match addr {
             ListenAddr::Tcp(a) => {
                 if addr.is_remote() {
-                    if !self.ctx.config.allow_remote {
+                    if !self.allow_remote {
                         return Err(HostError::RemoteNotAllowed(addr.to_string()));
                     }
                     warn!("listening on {addr}: anyone who can reach it can send frames and read the video back");
@@ -216,13 +257,13 @@ impl Host {
         let mut tasks = tokio::task::JoinSet::new();
         for l in listeners {
             info!("listening on {}", l.local_addr());
-            tasks.spawn(accept_loop(self.ctx.clone(), l));
+            tasks.spawn(accept_loop(self.acceptor.clone(), l));
         }
         for p in connect {
-            tasks.spawn(connect_loop(self.ctx.clone(), p));
+            tasks.spawn(connect_loop(self.acceptor.clone(), p));
         }
-        if let Some(every) = self.ctx.config.stats_interval {
-            let stats = self.ctx.stats.clone();
+        if let Some(every) = self.stats_interval {
+            let stats = self.stats.clone();
             tasks.spawn(async move {
                 let mut t = tokio::time::interval(every);
                 t.tick().await;
@@ -245,21 +286,22 @@ fn is_socket(m: &std::fs::Metadata) -> bool {
     m.file_type().is_socket()
 }
 
-async fn accept_loop(ctx: Arc<Ctx>, listener: Listener) {
+async fn accept_loop(acceptor: Arc<Acceptor>, listener: Listener) {
     loop {
         // Take a connection slot before accepting: at the limit, guests wait
         // in the kernel's backlog instead of holding host memory.
-        let Ok(permit) = ctx.conn_slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = acceptor.slots.clone().acquire_owned().await else { return };
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(conn::serve(ctx.clone(), s, format!("tcp:{a}"), StreamKind::Socket))
+                tokio::spawn(acceptor.serve(s, format!("tcp:{a}"), StreamKind::Socket))
             }),
-            Listener::Unix(l, p) => l.accept().await.map(|(s, _)| {
-                tokio::spawn(conn::serve(ctx.clone(), s, format!("unix:{}", p.display()), StreamKind::Socket))
-            }),
+            Listener::Unix(l, p) => l
+                .accept()
+                .await
+                .map(|(s, _)| tokio::spawn(acceptor.serve(s, format!("unix:{}", p.display()), StreamKind::Socket))),
             Listener::Vsock(l, _) => l.accept().await.map(|(s, a)| {
-                tokio::spawn(conn::serve(ctx.clone(), s, format!("vsock:{}:{}", a.cid(), a.port()), StreamKind::Socket))
+                tokio::spawn(acceptor.serve(s, format!("vsock:{}:{}", a.cid(), a.port()), StreamKind::Socket))
             }),
         };
         match accepted {
@@ -279,14 +321,14 @@ async fn accept_loop(ctx: Arc<Ctx>, listener: Listener) {
 
 /// Keeps a connection to a QEMU chardev socket: QEMU listens, we connect, and
 /// connect again whenever the VM restarts or the socket goes away.
-async fn connect_loop(ctx: Arc<Ctx>, path: PathBuf) {
+async fn connect_loop(acceptor: Arc<Acceptor>, path: PathBuf) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match tokio::net::UnixStream::connect(&path).await {
             Ok(s) => {
                 backoff = Duration::from_millis(100);
                 let peer = format!("serial:{}", path.display());
-                conn::serve(ctx.clone(), s, peer, StreamKind::Serial).await;
+                acceptor.serve(s, peer, StreamKind::Serial).await;
             }
             Err(e) => {
                 if backoff >= Duration::from_secs(5) {
@@ -307,6 +349,7 @@ pub struct HostHandle {
     pub addrs: Vec<ListenAddr>,
     pub encoder: EncoderKind,
     stats: StatsRegistry,
+    budget: Arc<Budget>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -314,6 +357,11 @@ pub struct HostHandle {
 impl HostHandle {
     pub fn stats(&self) -> Vec<Snapshot> {
         self.stats.snapshots()
+    }
+
+    /// How much of `--max-buffered-mib` is taken, and who waits for it.
+    pub fn buffers(&self) -> BufferGauge {
+        self.budget.gauge()
     }
 
     /// Stops the host and waits for it.
@@ -342,7 +390,7 @@ impl Drop for HostHandle {
 /// inside an async runtime or not.
 pub fn spawn(config: HostConfig, listen: Vec<ListenAddr>, connect: Vec<PathBuf>) -> Result<HostHandle, HostError> {
     let host = Host::new(config)?;
-    let (stats, encoder) = (host.stats(), host.encoder().clone());
+    let (stats, encoder, budget) = (host.stats(), host.encoder().clone(), host.budget.clone());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
@@ -384,5 +432,5 @@ pub fn spawn(config: HostConfig, listen: Vec<ListenAddr>, connect: Vec<PathBuf>)
     let addrs = ready_rx
         .recv()
         .map_err(|_| HostError::Runtime(std::io::Error::other("host thread ended before binding")))??;
-    Ok(HostHandle { addrs, encoder, stats, stop: Some(stop_tx), thread: Some(thread) })
+    Ok(HostHandle { addrs, encoder, stats, budget, stop: Some(stop_tx), thread: Some(thread) })
 }

@@ -3,12 +3,16 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use hxfr_encode::EncoderKind;
 use hxfr_guest::{Connection, HostAddr};
-use hxfr_host::{HostConfig, HostHandle, Limits, ListenAddr};
+use hxfr_host::{
+    BufferGauge, HostConfig, HostHandle, Limits, ListenAddr, MemoryResolver, ResolveError, Resolved, ResourceResolver,
+};
 use hxfr_proto::{
     ConfigReq, ErrorCode, Fourcc, FrameRequest, FrameResponse, Header, Message, Packet, PixelFormat, ShmFrameRequest,
     ShmPlane, msg_type,
@@ -231,7 +235,7 @@ fn several_sessions_on_one_connection() {
 
 #[test]
 fn several_connections_at_once() {
-    let host = std::sync::Arc::new(Host::x264());
+    let host = Arc::new(Host::x264());
     let threads: Vec<_> = (0..4)
         .map(|k| {
             let host = host.clone();
@@ -573,9 +577,12 @@ fn oversize_inline_payload_is_refused_by_the_configured_limit() {
 fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
     // 1 MiB for the whole host; frames of 0.9 MiB and 1.2 MiB (larger than
     // the budget itself) on several connections at once.
-    let host = std::sync::Arc::new(Host::start(HostConfig {
+    let gate = Arc::new(GatedResolver::default());
+    let resolver: Arc<dyn ResourceResolver> = gate.clone();
+    let host = Arc::new(Host::start(HostConfig {
         encoder: EncoderKind::X264,
         limits: Limits { max_buffered: 1 << 20, ..Default::default() },
+        resolver: Some(resolver),
         ..Default::default()
     }));
     let threads: Vec<_> = [(640u32, 360u32), (640, 480), (640, 360)]
@@ -588,6 +595,172 @@ fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
     for t in threads {
         t.join().unwrap();
     }
+    wait_for("the budget to be given back", || host.handle.buffers().in_use == 0);
+
+    // Now prove the budget is what slowed them. Guest A's 0.9 MiB frame
+    // queues behind a frame whose resource the gate holds, so it keeps its
+    // share of the budget; guest B's 0.9 MiB frame then does not fit.
+    gate.inner.insert(1, resolved_bgrx(320, 240, 0));
+    let mut a = host.connect(&host.unix_addr());
+    a.send(&resource_request(1, 1, 320, 240, 0)).unwrap();
+    wait_for("the gate to hold A's first frame", || gate.held.load(Ordering::SeqCst) == 1);
+    let px = frame_pixels(PixelFormat::Bgrx, 640, 360, 2560, 1);
+    a.send(&inline_request(1, Shape(PixelFormat::Bgrx, 640, 360, 2560), 1, false, px)).unwrap();
+    wait_for("A's frame to hold 900 KiB", || host.handle.buffers().in_use == 900 << 10);
+    let b = host.connect(&host.unix_addr());
+    let (mut b_tx, mut b_rx) = b.split();
+    let b_sender = std::thread::spawn(move || {
+        let px = frame_pixels(PixelFormat::Bgrx, 640, 360, 2560, 2);
+        b_tx.send(&inline_request(1, Shape(PixelFormat::Bgrx, 640, 360, 2560), 2, false, px)).unwrap();
+        b_tx
+    });
+    wait_for("B to wait for room", || host.handle.buffers().waiting == 1);
+    let gauge = host.handle.buffers();
+    assert_eq!((gauge.in_use, gauge.limit), (900 << 10, 1 << 20), "B's frame is not taken on while A's holds the room");
+    b_rx.set_timeout(Some(Duration::from_millis(200))).unwrap();
+    assert!(b_rx.recv().is_err_and(|e| e.is_timeout()), "B is not answered while it waits");
+    b_rx.set_timeout(Some(TIMEOUT)).unwrap();
+    gate.open();
+    assert_eq!(response(a.recv().unwrap()).pts, 0);
+    assert_eq!(response(a.recv().unwrap()).pts, 33_333_333);
+    assert_eq!(response(b_rx.recv().unwrap()).pts, 2 * 33_333_333, "B is served once A's frame is encoded");
+    let _b_tx = b_sender.join().unwrap();
+    wait_for("the budget to be given back", || {
+        host.handle.buffers() == BufferGauge { in_use: 0, limit: 1 << 20, waiting: 0 }
+    });
+}
+
+/// Polls `cond` until it holds, failing after [`TIMEOUT`].
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A resolver double that holds every resolution until its gate opens.
+#[derive(Default)]
+struct GatedResolver {
+    inner: MemoryResolver,
+    open: Mutex<bool>,
+    cv: Condvar,
+    /// Resolutions waiting at the gate.
+    held: AtomicUsize,
+}
+
+impl GatedResolver {
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl ResourceResolver for GatedResolver {
+    fn resolve(&self, id: u32) -> Result<Resolved, ResolveError> {
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let open = self.open.lock().unwrap();
+        drop(self.cv.wait_while(open, |open| !*open).unwrap());
+        self.held.fetch_sub(1, Ordering::SeqCst);
+        self.inner.resolve(id)
+    }
+}
+
+/// A BGRx test picture as a resolved resource (stride padded past the row).
+fn resolved_bgrx(w: u32, h: u32, i: u32) -> Resolved {
+    let stride = w * 4 + 256;
+    let data = Bytes::from(frame_pixels(PixelFormat::Bgrx, w, h, stride as usize, i));
+    Resolved { data, layout: hxfr_proto::Layout::inline(PixelFormat::Bgrx, w, h, stride) }
+}
+
+fn resource_request(session: u16, id: u32, w: u32, h: u32, i: u32) -> Packet {
+    Packet::new(
+        session,
+        Message::FrameRequest(FrameRequest {
+            resource_id: id,
+            width: w,
+            height: h,
+            format: Fourcc::ARGB8888,
+            stride: w * 4,
+            pts: i as i64 * 33_333_333,
+            duration: 33_333_333,
+            force_keyframe: false,
+            pixels: None,
+        }),
+    )
+}
+
+fn resolver_host(resolver: Arc<MemoryResolver>) -> Host {
+    let resolver: Arc<dyn ResourceResolver> = resolver;
+    Host::start(HostConfig { encoder: EncoderKind::X264, resolver: Some(resolver), ..Default::default() })
+}
+
+#[test]
+fn resource_frames_are_resolved_and_encoded() {
+    let resources = Arc::new(MemoryResolver::default());
+    let host = resolver_host(resources.clone());
+    let mut c = host.connect(&host.unix_addr());
+    let hello = c.hello(hxfr_proto::features::RESOURCE, TIMEOUT).unwrap();
+    assert!(hello.features & hxfr_proto::features::RESOURCE != 0, "the host offers resource frames");
+    c.rx_timeout(TIMEOUT);
+    let (w, h) = (640, 360);
+    let (mut sent, mut aus) = (Vec::new(), Vec::new());
+    for i in 0..8 {
+        // The guest draws into its resource, then names it.
+        let r = resolved_bgrx(w, h, i);
+        sent.push((r.data.clone(), r.layout.strides[0] as usize));
+        resources.insert(5, r);
+        c.send(&resource_request(1, 5, w, h, i)).unwrap();
+        let r = response(c.recv().unwrap());
+        assert_eq!(r.pts, i as i64 * 33_333_333);
+        aus.push(r.to_annex_b());
+    }
+    let pics = decode_h264(&aus, Output::Bgrx).unwrap();
+    assert_eq!(pics.len(), 8);
+    for (i, ((src, stride), pic)) in sent.iter().zip(&pics).enumerate() {
+        let p = psnr_bgrx(src, *stride, &pic.data, w, h);
+        assert!(p >= 30.0, "frame {i}: PSNR {p:.1} dB");
+    }
+    let s = &host.handle.stats()[0].info;
+    assert_eq!((s.frames, s.dropped, s.width, s.height), (8, 0, w, h));
+}
+
+#[test]
+fn resource_errors_are_answered_and_the_session_goes_on() {
+    let resources = Arc::new(MemoryResolver::default());
+    let host = resolver_host(resources.clone());
+    let mut c = host.connect(&host.unix_addr());
+    resources.insert(5, resolved_bgrx(640, 360, 0));
+
+    c.send(&resource_request(1, 99, 640, 360, 0)).unwrap();
+    let p = c.recv().unwrap();
+    assert_eq!(error_code(&p), ErrorCode::ResourceNotFound as i32, "an unknown id");
+
+    for (w, h, format, says) in [
+        (1280, 720, Fourcc::ARGB8888, "resource 5 is 640x360 Bgrx, the request says 1280x720 Bgrx"),
+        (640, 360, Fourcc::NV12, "resource 5 is 640x360 Bgrx, the request says 640x360 Nv12"),
+    ] {
+        let mut req = resource_request(1, 5, w, h, 1);
+        if let Message::FrameRequest(r) = &mut req.message {
+            r.format = format;
+        }
+        c.send(&req).unwrap();
+        match c.recv().unwrap().message {
+            Message::Error { code, message } => {
+                assert_eq!(code, ErrorCode::InvalidMessage as i32);
+                assert_eq!(message, says);
+            }
+            other => panic!("expected ERROR, got {other:?}"),
+        }
+    }
+    // Freed: -2; the same session still encodes what exists.
+    resources.insert(6, resolved_bgrx(640, 360, 0));
+    resources.remove(5);
+    c.send(&resource_request(1, 5, 640, 360, 2)).unwrap();
+    assert_eq!(error_code(&c.recv().unwrap()), ErrorCode::ResourceNotFound as i32, "a freed id");
+    c.send(&resource_request(1, 6, 640, 360, 3)).unwrap();
+    assert!(response(c.recv().unwrap()).is_keyframe);
+    assert_eq!(host.handle.stats()[0].info.dropped, 4);
 }
 
 #[test]
