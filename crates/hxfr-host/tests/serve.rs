@@ -2,63 +2,22 @@
 //! by a real decoder (GStreamer avdec_h264) and compared with what was sent.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hxfr_encode::EncoderKind;
 use hxfr_guest::{Connection, HostAddr};
-use hxfr_host::{
-    BufferGauge, HostConfig, HostHandle, Limits, ListenAddr, MemoryResolver, ResolveError, Resolved, ResourceResolver,
-};
+use hxfr_host::{BufferGauge, HostConfig, Limits, MemoryResolver, ResolveError, Resolved, ResourceResolver};
 use hxfr_proto::{
     ConfigReq, ErrorCode, Fourcc, FrameRequest, FrameResponse, Header, Message, Packet, PixelFormat, ShmFrameRequest,
     ShmPlane, msg_type,
 };
 use hxfr_testkit::{Content, Output, decode_h264, nal_types, pattern_bgrx, pattern_nv12, psnr, psnr_bgrx, psnr_nv12};
 
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-struct Host {
-    handle: HostHandle,
-    _dir: tempfile::TempDir,
-    unix: PathBuf,
-}
-
-impl Host {
-    fn start(config: HostConfig) -> Host {
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("hxfr_host=debug").try_init();
-        let dir = tempfile::tempdir().unwrap();
-        let unix = dir.path().join("host.sock");
-        let handle =
-            hxfr_host::spawn(config, vec![ListenAddr::Unix(unix.clone()), "tcp:127.0.0.1:0".parse().unwrap()], vec![])
-                .unwrap();
-        Host { handle, _dir: dir, unix }
-    }
-
-    fn x264() -> Host {
-        Host::start(HostConfig { encoder: EncoderKind::X264, ..Default::default() })
-    }
-
-    fn unix_addr(&self) -> HostAddr {
-        HostAddr::Unix(self.unix.clone())
-    }
-
-    fn tcp_addr(&self) -> HostAddr {
-        match &self.handle.addrs[1] {
-            ListenAddr::Tcp(a) => HostAddr::Tcp(a.ip().to_string(), a.port()),
-            _ => unreachable!(),
-        }
-    }
-
-    fn connect(&self, addr: &HostAddr) -> Connection {
-        let mut c = Connection::connect(addr, TIMEOUT).unwrap();
-        c.rx_timeout(TIMEOUT);
-        c
-    }
-}
+mod common;
+use common::{Host, TIMEOUT, frame_request, wait_for};
 
 trait RxTimeout {
     fn rx_timeout(&mut self, t: Duration);
@@ -82,20 +41,8 @@ struct Shape(PixelFormat, u32, u32, usize);
 
 fn inline_request(session: u16, shape: Shape, i: u32, force: bool, px: Vec<u8>) -> Packet {
     let Shape(format, w, h, stride) = shape;
-    Packet::new(
-        session,
-        Message::FrameRequest(FrameRequest {
-            resource_id: 0,
-            width: w,
-            height: h,
-            format: format.fourcc(),
-            stride: stride as u32,
-            pts: i as i64 * 33_333_333,
-            duration: 33_333_333,
-            force_keyframe: force,
-            pixels: Some(Bytes::from(px)),
-        }),
-    )
+    let r = frame_request(format, w, h, stride as u32, Some(Bytes::from(px)));
+    Packet::new(session, Message::FrameRequest(FrameRequest { pts: i as i64 * 33_333_333, force_keyframe: force, ..r }))
 }
 
 fn response(p: Packet) -> FrameResponse {
@@ -606,7 +553,8 @@ fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
     wait_for("the gate to hold A's first frame", || gate.held.load(Ordering::SeqCst) == 1);
     let px = frame_pixels(PixelFormat::Bgrx, 640, 360, 2560, 1);
     a.send(&inline_request(1, Shape(PixelFormat::Bgrx, 640, 360, 2560), 1, false, px)).unwrap();
-    wait_for("A's frame to hold 900 KiB", || host.handle.buffers().in_use == 900 << 10);
+    let a_share = 900 << 10;
+    wait_for("A's frame to hold 900 KiB", || host.handle.buffers().in_use == a_share);
     let b = host.connect(&host.unix_addr());
     let (mut b_tx, mut b_rx) = b.split();
     let b_sender = std::thread::spawn(move || {
@@ -616,7 +564,7 @@ fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
     });
     wait_for("B to wait for room", || host.handle.buffers().waiting == 1);
     let gauge = host.handle.buffers();
-    assert_eq!((gauge.in_use, gauge.limit), (900 << 10, 1 << 20), "B's frame is not taken on while A's holds the room");
+    assert_eq!((gauge.in_use, gauge.limit), (a_share, 1 << 20), "B's frame is not taken on while A's holds the room");
     b_rx.set_timeout(Some(Duration::from_millis(200))).unwrap();
     assert!(b_rx.recv().is_err_and(|e| e.is_timeout()), "B is not answered while it waits");
     b_rx.set_timeout(Some(TIMEOUT)).unwrap();
@@ -628,15 +576,6 @@ fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
     wait_for("the budget to be given back", || {
         host.handle.buffers() == BufferGauge { in_use: 0, limit: 1 << 20, waiting: 0 }
     });
-}
-
-/// Polls `cond` until it holds, failing after [`TIMEOUT`].
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A resolver double that holds every resolution until its gate opens.
@@ -674,20 +613,8 @@ fn resolved_bgrx(w: u32, h: u32, i: u32) -> Resolved {
 }
 
 fn resource_request(session: u16, id: u32, w: u32, h: u32, i: u32) -> Packet {
-    Packet::new(
-        session,
-        Message::FrameRequest(FrameRequest {
-            resource_id: id,
-            width: w,
-            height: h,
-            format: Fourcc::ARGB8888,
-            stride: w * 4,
-            pts: i as i64 * 33_333_333,
-            duration: 33_333_333,
-            force_keyframe: false,
-            pixels: None,
-        }),
-    )
+    let r = frame_request(PixelFormat::Bgrx, w, h, w * 4, None);
+    Packet::new(session, Message::FrameRequest(FrameRequest { resource_id: id, pts: i as i64 * 33_333_333, ..r }))
 }
 
 fn resolver_host(resolver: Arc<MemoryResolver>) -> Host {
