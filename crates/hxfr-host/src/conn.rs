@@ -1,43 +1,34 @@
 //! One connection: a reader that dispatches, a writer that answers.
 //!
-//! The reader decodes requests and hands each to its session's bounded queue;
+//! The reader (`reader.rs`: bounded memory, a deadline per message) takes
+//! requests off the stream and hands each to its session's bounded queue;
 //! when a queue is full the reader waits, so a guest that sends faster than
 //! the host encodes is slowed by its own socket. Answers come back from the
 //! session threads through one bounded channel to the writer.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures::StreamExt;
 use hxfr_proto::{
-    DecodeError, ErrorCode, FrameDecoder, HelloResp, HxfrCodec, Message, PROTOCOL_VERSION, Packet, features, msg_type,
+    DecodeError, ErrorCode, FrameDecoder, HelloResp, Message, PROTOCOL_VERSION, Packet, features, msg_type,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Share};
 use crate::encoder::EncoderFactory;
+use crate::reader::{Event, MessageDeadline, Reader};
 use crate::resolver::{Peer, ResourceResolver};
 use crate::session::{self, Job, Outgoing, SessionHandle, SessionParts};
 use crate::shm::ShmRegion;
 use crate::source::{FrameJob, FrameSources};
 use crate::stats::StatsRegistry;
 
-/// A message that has started arriving must finish within this time.
-const PARTIAL_TIMEOUT: Duration = Duration::from_secs(30);
-/// On a virtio-serial port a guest that dies mid-message does not close
-/// anything: the rest of its message never comes, and its successor's bytes
-/// would be taken as that message's payload. So a message that stops
-/// arriving for this long is dropped and the decoder hunts for the next magic.
-const SERIAL_STALL: Duration = Duration::from_secs(2);
 /// A guest that does not read its answers for this long is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Answers waiting for the writer, across all sessions of a connection.
@@ -57,8 +48,11 @@ pub enum StreamKind {
 pub(crate) struct Shared {
     pub max_sessions: usize,
     pub max_payload: u32,
+    pub message_deadline: MessageDeadline,
     /// Jobs queued per session before the reader waits.
     pub max_in_flight: usize,
+    /// A session's encoder is closed after this long without a frame.
+    pub encoder_idle: Duration,
     pub budget: Arc<Budget>,
     pub encoders: Arc<EncoderFactory>,
     pub shm: Option<Arc<ShmRegion>>,
@@ -86,66 +80,30 @@ where
     let cancel = CancellationToken::new();
     let writer = tokio::spawn(write_loop(wr, out_rx, epoch.clone(), cancel.clone()).in_current_span());
     let decoder = FrameDecoder::new(shared.max_payload).resynchronising(kind == StreamKind::Serial);
-    let start = Instant::now();
-    let last_read = Arc::new(AtomicU64::new(0));
-    let rd = Progress { inner: rd, start, last_read: last_read.clone() };
-    let mut framed = FramedRead::with_capacity(rd, HxfrCodec::new(decoder), 256 * 1024);
+    let serial = kind == StreamKind::Serial;
+    let mut reader = Reader::new(rd, decoder, serial, shared.budget.clone(), shared.message_deadline);
     let sources =
         Arc::new(FrameSources::new(shared.shm.clone(), shared.resolver.as_ref(), Peer { conn_id, addr: &peer }));
     let mut conn = Conn { shared, conn_id, peer, sources, sessions: HashMap::new(), out: out_tx, epoch };
 
     let mut clean_eof = false;
-    // Idle guests may wait as long as they like (a static desktop sends
-    // nothing); a message that stops arriving half-way may not. The check
-    // runs every `stall`, on how long the stream has been silent.
-    let stall = match kind {
-        StreamKind::Serial => SERIAL_STALL,
-        StreamKind::Socket => PARTIAL_TIMEOUT,
-    };
-    let mid_message =
-        |f: &FramedRead<_, HxfrCodec>| f.decoder().decoder.is_mid_message() || !f.read_buffer().is_empty();
     loop {
-        let next = tokio::select! {
+        let event = tokio::select! {
             _ = cancel.cancelled() => break,
-            n = tokio::time::timeout(stall, framed.next()) => n,
+            e = reader.next() => e,
         };
-        match next {
-            Err(_) => {
-                let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_read.load(Ordering::Relaxed)));
-                if !mid_message(&framed) || quiet < stall {
-                    continue; // idle, or a big message still arriving
-                }
-                if kind == StreamKind::Socket {
-                    warn!("closing: a message stalled half-sent for {}s", quiet.as_secs());
-                    break;
-                }
-                // FramedRead lends its codec and its buffer one at a time.
-                let mut decoder = framed.decoder().decoder.clone();
-                let dropped = decoder.abandon(framed.read_buffer_mut());
-                framed.decoder_mut().decoder = decoder;
-                warn!("dropped a message cut off {}s ago (guest restarted?): {dropped} bytes", quiet.as_secs());
-            }
-            Ok(None) => {
-                clean_eof = !mid_message(&framed);
-                break;
-            }
-            Ok(Some(Err(e))) => {
-                // Framing lost (or the socket failed): nothing more can be trusted.
-                match e {
-                    DecodeError::Io { message, .. } => debug!("read failed: {message}"),
-                    e => warn!("closing: {e}"),
-                }
-                break;
-            }
-            Ok(Some(Ok(Err(e)))) => {
-                let header = framed.decoder().decoder.last_header();
-                conn.malformed(e, header).await;
-            }
-            Ok(Some(Ok(Ok(packet)))) => {
-                if !conn.handle(packet).await {
+        match event {
+            Event::Packet(packet, share) => {
+                if !conn.handle(packet, share).await {
                     break;
                 }
             }
+            Event::Malformed(e, header) => conn.malformed(e, header).await,
+            Event::Eof { clean } => {
+                clean_eof = clean;
+                break;
+            }
+            Event::Closed => break,
         }
     }
     // On a clean end of stream the sessions finish what the guest sent (it
@@ -157,24 +115,6 @@ where
     drop(conn);
     let _ = writer.await;
     info!("guest disconnected");
-}
-
-/// The connection's reader, noting when bytes last arrived (ms since `start`).
-struct Progress<R> {
-    inner: R,
-    start: Instant,
-    last_read: Arc<AtomicU64>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Progress<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.last_read.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        }
-        r
-    }
 }
 
 struct Conn {
@@ -215,6 +155,7 @@ impl Conn {
                 stats: self.shared.stats.register(self.conn_id, id, self.peer.clone()),
                 out: self.out.clone(),
                 queue: self.shared.max_in_flight,
+                idle: self.shared.encoder_idle,
                 thread_name: format!("hxfr-c{}-s{id}", self.conn_id),
                 span: info_span!("session", id),
             };
@@ -236,11 +177,8 @@ impl Conn {
     async fn dispatch(&mut self, id: u16, job: Job, answer: bool) -> bool {
         let limit = self.shared.max_sessions;
         match self.session(id) {
-            Some(s) => {
-                let tx = s.jobs.clone();
-                // Waits while the session has max_in_flight frames queued: backpressure.
-                tx.send(job).await.is_ok()
-            }
+            // Waits while the session has max_in_flight frames queued: backpressure.
+            Some(s) => s.send(job).await,
             None if answer => {
                 warn!(session = id, "refused: more than {limit} sessions on one connection");
                 self.reply(Packet::error(
@@ -254,18 +192,22 @@ impl Conn {
         }
     }
 
-    /// Handles one request. Returns false when the connection should end.
-    async fn handle(&mut self, p: Packet) -> bool {
+    /// Handles one request; `share` is the room in the budget its bytes
+    /// took, if any. Returns false when the connection should end.
+    async fn handle(&mut self, p: Packet, share: Option<Share>) -> bool {
         let sid = p.session_id;
         match p.message {
             Message::FrameRequest(r) => {
-                // Inline pixels wait for room in the host-wide budget.
-                let budget = match &r.pixels {
-                    Some(px) => match self.shared.budget.take(px.len() as u64).await {
+                // Inline pixels hold room in the host-wide budget until
+                // encoded: large ones took it before they were read; small
+                // ones (from the read-ahead) wait for it here.
+                let budget = match (&r.pixels, share) {
+                    (Some(_), Some(share)) => Some(share),
+                    (Some(px), None) => match self.shared.budget.take(px.len() as u64).await {
                         Some(share) => Some(share),
                         None => return false,
                     },
-                    None => None,
+                    (None, _) => None,
                 };
                 let job = match FrameJob::from_request(r, budget) {
                     Some(f) => Job::Frame(f),

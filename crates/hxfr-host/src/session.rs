@@ -7,15 +7,16 @@
 //! per CONFIG_REQ, nothing for KEYFRAME_REQ.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use hxfr_encode::{EncodeError, Encoder, Frame};
+use hxfr_encode::Frame;
 use hxfr_proto::{ConfigReq, ConfigResp, ErrorCode, FrameResponse, Message, Packet};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{Span, debug, info, warn};
 
-use crate::encoder::EncoderFactory;
+use crate::encoder::{EncoderFactory, LiveEncoder, OpenError};
 use crate::source::{FrameJob, FrameSources, Mapped};
 use crate::stats::SessionStats;
 
@@ -36,14 +37,29 @@ pub(crate) enum Job {
     Reply(Packet),
 }
 
+/// A job in the queue, holding its place there until the session takes it.
+struct Queued {
+    job: Job,
+    _slot: OwnedSemaphorePermit,
+}
+
 /// The reader's end of a session. Dropping it lets the session finish what
 /// is queued; [`SessionHandle::abort`] makes it skip that instead.
 pub(crate) struct SessionHandle {
-    pub jobs: mpsc::Sender<Job>,
+    jobs: std_mpsc::Sender<Queued>,
+    /// Places in the queue: the reader waits for one (backpressure).
+    slots: Arc<Semaphore>,
     closed: Arc<AtomicBool>,
 }
 
 impl SessionHandle {
+    /// Queues a job, waiting while the session's queue is full. False when
+    /// the session has ended.
+    pub async fn send(&self, job: Job) -> bool {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else { return false };
+        self.jobs.send(Queued { job, _slot: slot }).is_ok()
+    }
+
     /// Queued jobs will be skipped, not encoded (the guest is gone or restarted).
     pub fn abort(self) {
         self.closed.store(true, Ordering::Relaxed);
@@ -61,6 +77,8 @@ pub(crate) struct SessionParts {
     pub out: mpsc::Sender<Outgoing>,
     /// Jobs queued before the reader waits.
     pub queue: usize,
+    /// An encoder that has had no frame for this long is closed.
+    pub idle: Duration,
     pub thread_name: String,
     /// Entered on the session's thread: every log line names the session.
     pub span: Span,
@@ -85,7 +103,8 @@ struct Worker {
     stats: Arc<Mutex<SessionStats>>,
     out: mpsc::Sender<Outgoing>,
     closed: Arc<AtomicBool>,
-    encoder: Option<Box<dyn Encoder>>,
+    encoder: Option<LiveEncoder>,
+    idle: Duration,
     rate: Rate,
     force_next: bool,
     /// ERROR answers in a row, to log loudly once rather than per frame.
@@ -93,7 +112,9 @@ struct Worker {
 }
 
 pub(crate) fn spawn(p: SessionParts) -> std::io::Result<SessionHandle> {
-    let (tx, rx) = mpsc::channel(p.queue.max(1));
+    // Unbounded, but a job needs a slot to get in.
+    let (tx, rx) = std_mpsc::channel();
+    let slots = Arc::new(Semaphore::new(p.queue.max(1)));
     let closed = Arc::new(AtomicBool::new(false));
     let worker = Worker {
         id: p.id,
@@ -104,19 +125,34 @@ pub(crate) fn spawn(p: SessionParts) -> std::io::Result<SessionHandle> {
         out: p.out,
         closed: closed.clone(),
         encoder: None,
+        idle: p.idle,
         rate: Rate { bitrate: 4_000_000, fps_num: 30, fps_den: 1, profile: 0, explicit: false },
         force_next: true,
         errors_in_row: 0,
     };
     let span = p.span;
     std::thread::Builder::new().name(p.thread_name).spawn(move || span.in_scope(|| worker.run(rx)))?;
-    Ok(SessionHandle { jobs: tx, closed })
+    Ok(SessionHandle { jobs: tx, slots, closed })
 }
 
 impl Worker {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    fn run(mut self, rx: std_mpsc::Receiver<Queued>) {
         debug!("session started");
-        while let Some(job) = rx.blocking_recv() {
+        loop {
+            // While an encoder is open, wait only so long for the next job.
+            let next = match self.encoder {
+                Some(_) => rx.recv_timeout(self.idle),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let job = match next {
+                Ok(q) => q.job, // its slot is free again
+                Err(RecvTimeoutError::Timeout) => {
+                    self.encoder = None;
+                    info!("no frame for {}s: encoder closed", self.idle.as_secs_f32());
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             if self.closed.load(Ordering::Relaxed) {
                 continue; // connection gone: drain without encoding
             }
@@ -211,7 +247,11 @@ impl Worker {
         self.rate_from_duration(duration);
         let started = Instant::now();
         if let Err(e) = self.ensure_encoder(&frame) {
-            return self.error(ErrorCode::EncodeFailed, e.to_string());
+            let msg = match e {
+                OpenError::Busy(why) => why,
+                OpenError::Failed(e) => e.to_string(),
+            };
+            return self.error(ErrorCode::EncodeFailed, msg);
         }
         let enc = self.encoder.as_mut().expect("ensured above");
         match enc.encode(&frame) {
@@ -240,13 +280,14 @@ impl Worker {
     }
 
     /// (Re)builds the encoder when there is none or the frame size changed.
-    fn ensure_encoder(&mut self, frame: &Frame<'_>) -> Result<(), EncodeError> {
+    fn ensure_encoder(&mut self, frame: &Frame<'_>) -> Result<(), OpenError> {
         if let Some(e) = &self.encoder {
             let c = e.config();
             if (c.width, c.height) == (frame.width, frame.height) {
                 return Ok(());
             }
             info!("size {}x{} -> {}x{}: new encoder", c.width, c.height, frame.width, frame.height);
+            self.encoder = None; // no longer counted against the host's caps
         }
         let mut cfg = self.encoders.config(frame.width, frame.height);
         cfg.fps_num = self.rate.fps_num;

@@ -553,8 +553,9 @@ fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
     wait_for("the gate to hold A's first frame", || gate.held.load(Ordering::SeqCst) == 1);
     let px = frame_pixels(PixelFormat::Bgrx, 640, 360, 2560, 1);
     a.send(&inline_request(1, Shape(PixelFormat::Bgrx, 640, 360, 2560), 1, false, px)).unwrap();
-    let a_share = 900 << 10;
-    wait_for("A's frame to hold 900 KiB", || host.handle.buffers().in_use == a_share);
+    // Its payload (44-byte body + pixels), in KiB.
+    let a_share = (44 + 640 * 360 * 4u64).div_ceil(1024) * 1024;
+    wait_for("A's frame to hold 901 KiB", || host.handle.buffers().in_use == a_share);
     let b = host.connect(&host.unix_addr());
     let (mut b_tx, mut b_rx) = b.split();
     let b_sender = std::thread::spawn(move || {
