@@ -176,6 +176,7 @@ impl Worker {
                 break; // writer gone
             }
         }
+        self.encoder = None; // no longer counted by the host, before the session says it ended
         self.stats.lock().unwrap().ended = Some(Instant::now());
         debug!("session ended");
     }
