@@ -9,11 +9,13 @@
 //! task writes answers; every queue between them is bounded.
 //!
 //! The modules depend one way: `lib` (listeners, accept and connect loops)
-//! → `conn` (one connection: reader, dispatch, writer) → `session` (one
-//! stream: its encoder and its answers, in order). Each hands the next only
-//! the parts it uses. Below them sit leaves: `source` (the one seam for the
-//! three places a frame's pixels can be), `resolver` (resource id → pixels),
-//! `shm`, `budget` (`--max-buffered-mib`), `encoder`, `stats`, `addr`.
+//! → `conn` (one connection: dispatch and writer; `reader`, its bounded
+//! reader) → `session` (one stream: its encoder and its answers, in order).
+//! Each hands the next only the parts it uses. Below them sit leaves:
+//! `source` (the one seam for the three places a frame's pixels can be),
+//! `resolver` (resource id → pixels), `shm`, `budget`
+//! (`--max-buffered-mib`), `encoder` (caps on live encoders), `memory`,
+//! `stats`, `addr`.
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
