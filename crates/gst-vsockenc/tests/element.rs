@@ -680,3 +680,98 @@ fn caps_changes_against_a_real_host_at_the_reply_timeout() {
     assert!(caps_changes >= 12 * 30, "{caps_changes} caps changes");
     assert!(reconnects > 0, "links were replaced ({reconnects} reconnects)");
 }
+
+/// A host that answers HELLO and then never reads again (at its connection
+/// limit, or stopped with SIGSTOP). Every connection is kept open.
+fn deaf_host(dir: &tempfile::TempDir) -> PathBuf {
+    let path = dir.path().join("deaf.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { return };
+            let (mut dec, mut buf, mut scratch) =
+                (hxfr_proto::FrameDecoder::default(), bytes::BytesMut::new(), bytes::BytesMut::new());
+            if let Ok(Packet { message: Message::Hello(h), .. }) =
+                hxfr_proto::io::read_packet(&mut s, &mut dec, &mut buf)
+            {
+                let r = HelloResp { nonce: h.nonce, version: 1, features: 0, shm_size: 0, max_in_flight: 4 };
+                let _ = hxfr_proto::io::write_packet(&mut s, &Packet::new(0, Message::HelloResp(r)), &mut scratch);
+            }
+            held.push(s); // open, never read again
+        }
+    });
+    path
+}
+
+/// Hardening row 1: a host that stops reading must not hold the streaming
+/// thread (and with it EOS and state changes) past the reply timeout.
+#[test]
+fn a_host_that_stops_reading_never_blocks_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = deaf_host(&dir);
+    let start = Instant::now();
+    let r = run(
+        &format!(
+            "videotestsrc num-buffers=8 ! video/x-raw,format=BGRx,width=1920,height=1080,framerate=30/1 ! \
+             vsockenc name=v socket-path={} reply-timeout=400 ! appsink name=enc sync=false",
+            sock.display()
+        ),
+        None,
+    )
+    .expect("warnings only, and EOS");
+    let took = start.elapsed();
+    // Each frame may cost one reply timeout (the write that stalls) plus a reconnect.
+    assert!(took < Duration::from_secs(12), "took {took:?}");
+    assert!(r.enc.is_empty(), "a deaf host answers nothing");
+    let st = r.element_stats.unwrap();
+    assert_eq!(st.get::<u64>("frames-dropped").unwrap(), 8, "every frame dropped and counted: {st}");
+    assert!(r.messages.iter().any(|m| m.contains("stopped reading")), "{:?}", r.messages);
+}
+
+/// Hardening row 2: a live source through a host that stalls for 1.5 s.
+/// Frames that come while the host is stalled are dropped at the input;
+/// what comes out afterwards is the live picture at the live rate, never a
+/// burst of late frames.
+#[test]
+fn a_stalled_host_drops_live_frames_instead_of_bursting_them_later() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, _) =
+        scripted_host(&dir, |n| if n == 15 { Reply::After(Duration::from_millis(1500)) } else { Reply::Frame });
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc is-live=true num-buffers=120 ! video/x-raw,format=BGRx,width=64,height=64,framerate=30/1 ! \
+         vsockenc name=v socket-path={} keyframe-interval=0 ! appsink name=enc sync=false",
+        sock.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let a2 = arrivals.clone();
+    pipeline.by_name("enc").unwrap().downcast_ref::<gst_app::AppSink>().unwrap().set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |s| {
+                let _ = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                a2.lock().unwrap().push(Instant::now());
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let bus = pipeline.bus().unwrap();
+    let msg =
+        bus.timed_pop_filtered(gst::ClockTime::from_seconds(20), &[gst::MessageType::Eos, gst::MessageType::Error]);
+    let stats = pipeline.by_name("v").unwrap().property::<gst::Structure>("stats");
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(matches!(msg.as_ref().map(|m| m.view()), Some(gst::MessageView::Eos(_))), "{msg:?}");
+    let t = arrivals.lock().unwrap().clone();
+    // The most frames out in any 300 ms: about 9 at 30 fps; a burst of the
+    // frames held back during the stall would be dozens.
+    let burst =
+        (0..t.len()).map(|i| t[i..].iter().take_while(|x| **x - t[i] < Duration::from_millis(300)).count()).max();
+    assert!(burst.unwrap_or(0) <= 14, "{burst:?} frames within 300 ms: a late burst; {stats}");
+    let dropped = stats.get::<u64>("frames-dropped").unwrap();
+    assert!(dropped >= 20, "the frames of the stall were dropped at the input: {stats}");
+    assert!(t.len() as u64 + dropped >= 118, "every frame answered or counted as dropped: {} out, {stats}", t.len());
+}

@@ -1,49 +1,38 @@
 //! One connection: a reader that dispatches, a writer that answers.
 //!
-//! The reader decodes requests and hands each to its session's bounded queue;
+//! The reader (`reader.rs`: bounded memory, a deadline per message) takes
+//! requests off the stream and hands each to its session's bounded queue;
 //! when a queue is full the reader waits, so a guest that sends faster than
 //! the host encodes is slowed by its own socket. Answers come back from the
 //! session threads through one bounded channel to the writer.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures::StreamExt;
 use hxfr_proto::{
-    DecodeError, ErrorCode, FrameDecoder, HelloResp, HxfrCodec, Message, PROTOCOL_VERSION, Packet, features, msg_type,
+    DecodeError, ErrorCode, FrameDecoder, HelloResp, Message, PROTOCOL_VERSION, Packet, features, msg_type,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::Ctx;
-use crate::session::{self, Job, SessionHandle};
+use crate::budget::{Budget, Share};
+use crate::encoder::EncoderFactory;
+use crate::reader::{Event, MessageDeadline, Reader};
+use crate::resolver::{Peer, ResourceResolver};
+use crate::session::{self, Job, Outgoing, SessionHandle, SessionParts};
+use crate::shm::ShmRegion;
+use crate::source::{FrameJob, FrameSources};
+use crate::stats::StatsRegistry;
 
-/// A message that has started arriving must finish within this time.
-const PARTIAL_TIMEOUT: Duration = Duration::from_secs(30);
-/// On a virtio-serial port a guest that dies mid-message does not close
-/// anything: the rest of its message never comes, and its successor's bytes
-/// would be taken as that message's payload. So a message that stops
-/// arriving for this long is dropped and the decoder hunts for the next magic.
-const SERIAL_STALL: Duration = Duration::from_secs(2);
 /// A guest that does not read its answers for this long is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Answers waiting for the writer, across all sessions of a connection.
 const OUT_QUEUE: usize = 64;
-
-/// An answer, tagged with the conversation it belongs to: after a HELLO the
-/// writer drops answers of the sessions that came before it.
-pub(crate) struct Outgoing {
-    pub epoch: u64,
-    pub packet: Packet,
-}
 
 /// How a connection's byte stream behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,80 +44,66 @@ pub enum StreamKind {
     Serial,
 }
 
-pub(crate) async fn serve<S>(ctx: Arc<Ctx>, stream: S, peer: String, kind: StreamKind)
+/// What every connection of a host works with.
+pub(crate) struct Shared {
+    pub max_sessions: usize,
+    pub max_payload: u32,
+    pub message_deadline: MessageDeadline,
+    /// Jobs queued per session before the reader waits.
+    pub max_in_flight: usize,
+    /// A session's encoder is closed after this long without a frame.
+    pub encoder_idle: Duration,
+    pub budget: Arc<Budget>,
+    pub encoders: Arc<EncoderFactory>,
+    pub shm: Option<Arc<ShmRegion>>,
+    pub resolver: Option<Arc<dyn ResourceResolver>>,
+    pub stats: StatsRegistry,
+}
+
+/// Serves one connection until it ends, inside a span naming it.
+pub(crate) async fn serve<S>(shared: Arc<Shared>, id: u64, stream: S, peer: String, kind: StreamKind)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    info!(conn = conn_id, %peer, "guest connected");
+    let span = info_span!("conn", id, %peer);
+    run(shared, id, stream, peer, kind).instrument(span).await
+}
+
+async fn run<S>(shared: Arc<Shared>, conn_id: u64, stream: S, peer: String, kind: StreamKind)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    info!("guest connected");
     let (rd, wr) = tokio::io::split(stream);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUT_QUEUE);
     let epoch = Arc::new(AtomicU64::new(0));
     let cancel = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(wr, out_rx, epoch.clone(), cancel.clone(), conn_id));
-    let decoder = FrameDecoder::new(ctx.config.limits.max_payload).resynchronising(kind == StreamKind::Serial);
-    let start = Instant::now();
-    let last_read = Arc::new(AtomicU64::new(0));
-    let rd = Progress { inner: rd, start, last_read: last_read.clone() };
-    let mut framed = FramedRead::with_capacity(rd, HxfrCodec::new(decoder), 256 * 1024);
-    let mut conn = Conn { ctx: ctx.clone(), conn_id, peer, sessions: HashMap::new(), out: out_tx, epoch };
+    let writer = tokio::spawn(write_loop(wr, out_rx, epoch.clone(), cancel.clone()).in_current_span());
+    let decoder = FrameDecoder::new(shared.max_payload).resynchronising(kind == StreamKind::Serial);
+    let serial = kind == StreamKind::Serial;
+    let mut reader = Reader::new(rd, decoder, serial, shared.budget.clone(), shared.message_deadline);
+    let sources =
+        Arc::new(FrameSources::new(shared.shm.clone(), shared.resolver.as_ref(), Peer { conn_id, addr: &peer }));
+    let mut conn = Conn { shared, conn_id, peer, sources, sessions: HashMap::new(), out: out_tx, epoch };
 
     let mut clean_eof = false;
-    // Idle guests may wait as long as they like (a static desktop sends
-    // nothing); a message that stops arriving half-way may not. The check
-    // runs every `stall`, on how long the stream has been silent.
-    let stall = match kind {
-        StreamKind::Serial => SERIAL_STALL,
-        StreamKind::Socket => PARTIAL_TIMEOUT,
-    };
-    let mid_message =
-        |f: &FramedRead<_, HxfrCodec>| f.decoder().decoder.is_mid_message() || !f.read_buffer().is_empty();
     loop {
-        let next = tokio::select! {
+        let event = tokio::select! {
             _ = cancel.cancelled() => break,
-            n = tokio::time::timeout(stall, framed.next()) => n,
+            e = reader.next() => e,
         };
-        match next {
-            Err(_) => {
-                let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_read.load(Ordering::Relaxed)));
-                if !mid_message(&framed) || quiet < stall {
-                    continue; // idle, or a big message still arriving
-                }
-                if kind == StreamKind::Socket {
-                    warn!(conn = conn_id, "closing: a message stalled half-sent for {}s", quiet.as_secs());
-                    break;
-                }
-                // FramedRead lends its codec and its buffer one at a time.
-                let mut decoder = framed.decoder().decoder.clone();
-                let dropped = decoder.abandon(framed.read_buffer_mut());
-                framed.decoder_mut().decoder = decoder;
-                warn!(
-                    conn = conn_id,
-                    "dropped a message cut off {}s ago (guest restarted?): {dropped} bytes",
-                    quiet.as_secs()
-                );
-            }
-            Ok(None) => {
-                clean_eof = !mid_message(&framed);
-                break;
-            }
-            Ok(Some(Err(e))) => {
-                // Framing lost (or the socket failed): nothing more can be trusted.
-                match e {
-                    DecodeError::Io { message, .. } => debug!(conn = conn_id, "read failed: {message}"),
-                    e => warn!(conn = conn_id, "closing: {e}"),
-                }
-                break;
-            }
-            Ok(Some(Ok(Err(e)))) => {
-                let header = framed.decoder().decoder.last_header();
-                conn.malformed(e, header).await;
-            }
-            Ok(Some(Ok(Ok(packet)))) => {
-                if !conn.handle(packet).await {
+        match event {
+            Event::Packet(packet, share) => {
+                if !conn.handle(packet, share).await {
                     break;
                 }
             }
+            Event::Malformed(e, header) => conn.malformed(e, header).await,
+            Event::Eof { clean } => {
+                clean_eof = clean;
+                break;
+            }
+            Event::Closed => break,
         }
     }
     // On a clean end of stream the sessions finish what the guest sent (it
@@ -139,31 +114,15 @@ where
     }
     drop(conn);
     let _ = writer.await;
-    info!(conn = conn_id, "guest disconnected");
-}
-
-/// The connection's reader, noting when bytes last arrived (ms since `start`).
-struct Progress<R> {
-    inner: R,
-    start: Instant,
-    last_read: Arc<AtomicU64>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Progress<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.last_read.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        }
-        r
-    }
+    info!("guest disconnected");
 }
 
 struct Conn {
-    ctx: Arc<Ctx>,
+    shared: Arc<Shared>,
     conn_id: u64,
     peer: String,
+    /// Shared by the connection's sessions.
+    sources: Arc<FrameSources>,
     sessions: HashMap<u16, SessionHandle>,
     out: mpsc::Sender<Outgoing>,
     epoch: Arc<AtomicU64>,
@@ -185,17 +144,27 @@ impl Conn {
     /// the connection already has as many sessions as it may.
     fn session(&mut self, id: u16) -> Option<&SessionHandle> {
         if !self.sessions.contains_key(&id) {
-            if self.sessions.len() >= self.ctx.config.limits.max_sessions {
+            if self.sessions.len() >= self.shared.max_sessions {
                 return None;
             }
-            let epoch = self.epoch.load(Ordering::Relaxed);
-            match session::spawn(self.ctx.clone(), self.conn_id, id, epoch, self.out.clone(), &self.peer) {
+            let parts = SessionParts {
+                id,
+                epoch: self.epoch.load(Ordering::Relaxed),
+                encoders: self.shared.encoders.clone(),
+                sources: self.sources.clone(),
+                stats: self.shared.stats.register(self.conn_id, id, self.peer.clone()),
+                out: self.out.clone(),
+                queue: self.shared.max_in_flight,
+                idle: self.shared.encoder_idle,
+                thread_name: format!("hxfr-c{}-s{id}", self.conn_id),
+                span: info_span!("session", id),
+            };
+            match session::spawn(parts) {
                 Ok(h) => {
-                    debug!(conn = self.conn_id, session = id, "new session");
                     self.sessions.insert(id, h);
                 }
                 Err(e) => {
-                    warn!(conn = self.conn_id, session = id, "cannot start a session thread: {e}");
+                    warn!(session = id, "cannot start a session thread: {e}");
                     return None;
                 }
             }
@@ -206,15 +175,12 @@ impl Conn {
     /// Queues a job in its session, or answers ERROR right away when the
     /// session cannot exist (`answer` says whether the request expects one).
     async fn dispatch(&mut self, id: u16, job: Job, answer: bool) -> bool {
-        let limit = self.ctx.config.limits.max_sessions;
+        let limit = self.shared.max_sessions;
         match self.session(id) {
-            Some(s) => {
-                let tx = s.jobs.clone();
-                // Waits while the session has max_in_flight frames queued: backpressure.
-                tx.send(job).await.is_ok()
-            }
+            // Waits while the session has max_in_flight frames queued: backpressure.
+            Some(s) => s.send(job).await,
             None if answer => {
-                warn!(conn = self.conn_id, session = id, "refused: more than {limit} sessions on one connection");
+                warn!(session = id, "refused: more than {limit} sessions on one connection");
                 self.reply(Packet::error(
                     id,
                     ErrorCode::InvalidMessage as i32,
@@ -226,25 +192,33 @@ impl Conn {
         }
     }
 
-    /// Handles one request. Returns false when the connection should end.
-    async fn handle(&mut self, p: Packet) -> bool {
+    /// Handles one request; `share` is the room in the budget its bytes
+    /// took, if any. Returns false when the connection should end.
+    async fn handle(&mut self, p: Packet, share: Option<Share>) -> bool {
         let sid = p.session_id;
         match p.message {
-            Message::FrameRequest(r) if r.pixels.is_some() => {
-                // Wait for room in the host-wide budget; a frame larger than
-                // the whole budget takes all of it and runs alone.
-                let budget = &self.ctx.buffer_budget;
-                let kib = r.pixels.as_ref().map_or(0, |p| p.len().div_ceil(1024)).max(1);
-                let want = (kib as u64).min((self.ctx.config.limits.max_buffered / 1024).max(1)) as u32;
-                let Ok(permit) = budget.clone().acquire_many_owned(want).await else { return false };
-                self.dispatch(sid, Job::Inline(r, Some(permit)), true).await
+            Message::FrameRequest(r) => {
+                // Inline pixels hold room in the host-wide budget until
+                // encoded: large ones took it before they were read; small
+                // ones (from the read-ahead) wait for it here.
+                let budget = match (&r.pixels, share) {
+                    (Some(_), Some(share)) => Some(share),
+                    (Some(px), None) => match self.shared.budget.take(px.len() as u64).await {
+                        Some(share) => Some(share),
+                        None => return false,
+                    },
+                    (None, _) => None,
+                };
+                let job = match FrameJob::from_request(r, budget) {
+                    Some(f) => Job::Frame(f),
+                    None => {
+                        let e = "frame request with neither pixels (PIXEL_DATA flag) nor a resource id";
+                        Job::Reply(Packet::error(sid, ErrorCode::InvalidMessage as i32, e))
+                    }
+                };
+                self.dispatch(sid, job, true).await
             }
-            Message::FrameRequest(r) if r.resource_id != 0 => self.dispatch(sid, Job::Resource(r), true).await,
-            Message::FrameRequest(_) => {
-                let e = "frame request with neither pixels (PIXEL_DATA flag) nor a resource id";
-                self.dispatch(sid, Job::Reply(Packet::error(sid, ErrorCode::InvalidMessage as i32, e)), true).await
-            }
-            Message::ShmFrameRequest(r) => self.dispatch(sid, Job::Shm(r), true).await,
+            Message::ShmFrameRequest(r) => self.dispatch(sid, Job::Frame(FrameJob::from_shm(r)), true).await,
             Message::KeyframeReq => self.dispatch(sid, Job::Keyframe, false).await,
             Message::ConfigReq(c) => self.dispatch(sid, Job::Config(c), true).await,
             Message::Ping => self.reply(Packet::new(sid, Message::Pong)).await,
@@ -252,16 +226,16 @@ impl Conn {
                 // A (re)started guest: forget every session and every answer
                 // not yet written, then confirm with its nonce.
                 if !self.sessions.is_empty() {
-                    info!(conn = self.conn_id, "HELLO: resetting {} session(s)", self.sessions.len());
+                    info!("HELLO: resetting {} session(s)", self.sessions.len());
                 }
                 self.abort_sessions();
                 self.epoch.fetch_add(1, Ordering::Relaxed);
-                let shm_size = self.ctx.shm.as_ref().map_or(0, |s| s.len());
+                let shm_size = self.shared.shm.as_ref().map_or(0, |s| s.len());
                 let mut feats = 0;
                 if shm_size > 0 {
                     feats |= features::SHM;
                 }
-                if self.ctx.config.resolver.is_some() {
+                if self.shared.resolver.is_some() {
                     feats |= features::RESOURCE;
                 }
                 let resp = HelloResp {
@@ -269,7 +243,7 @@ impl Conn {
                     version: PROTOCOL_VERSION,
                     features: feats,
                     shm_size,
-                    max_in_flight: self.ctx.config.limits.max_in_flight as u32,
+                    max_in_flight: self.shared.max_in_flight as u32,
                 };
                 self.reply(Packet::new(sid, Message::HelloResp(resp))).await
             }
@@ -286,7 +260,7 @@ impl Conn {
             other => {
                 // Unknown types are legal (skipped by size); host-bound answers
                 // from a guest are not, but neither is worth an unasked reply.
-                debug!(conn = self.conn_id, "ignoring {} (type {:#04x})", other.name(), other.msg_type());
+                debug!("ignoring {} (type {:#04x})", other.name(), other.msg_type());
                 true
             }
         }
@@ -295,10 +269,10 @@ impl Conn {
     /// A message whose framing was intact but whose body was not.
     async fn malformed(&mut self, e: DecodeError, header: Option<hxfr_proto::Header>) {
         if let DecodeError::Resynced(n) = e {
-            warn!(conn = self.conn_id, "stream resynchronised: skipped {n} bytes of garbage");
+            warn!("stream resynchronised: skipped {n} bytes of garbage");
             return;
         }
-        warn!(conn = self.conn_id, "malformed message: {e}");
+        warn!("malformed message: {e}");
         let Some(h) = header else { return };
         // Requests that expect an answer get an ERROR, in their session's order.
         if matches!(h.msg_type, msg_type::FRAME_REQUEST | msg_type::SHM_FRAME_REQUEST | msg_type::CONFIG_REQ) {
@@ -313,7 +287,6 @@ async fn write_loop<W: AsyncWrite>(
     mut rx: mpsc::Receiver<Outgoing>,
     epoch: Arc<AtomicU64>,
     cancel: CancellationToken,
-    conn_id: u64,
 ) {
     let mut wr = std::pin::pin!(wr);
     let mut head = BytesMut::with_capacity(512);
@@ -329,11 +302,11 @@ async fn write_loop<W: AsyncWrite>(
         match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all_buf(&mut buf)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                debug!(conn = conn_id, "write failed: {e}");
+                debug!("write failed: {e}");
                 break;
             }
             Err(_) => {
-                warn!(conn = conn_id, "closing: the guest has not read its answers for {}s", WRITE_TIMEOUT.as_secs());
+                warn!("closing: the guest has not read its answers for {}s", WRITE_TIMEOUT.as_secs());
                 break;
             }
         }

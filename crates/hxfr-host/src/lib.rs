@@ -7,37 +7,59 @@
 //!
 //! One tokio task reads each connection, one thread per session encodes, one
 //! task writes answers; every queue between them is bounded.
+//!
+//! The modules depend one way: `lib` (listeners, accept and connect loops)
+//! → `conn` (one connection: dispatch and writer; `reader`, its bounded
+//! reader) → `session` (one stream: its encoder and its answers, in order).
+//! Each hands the next only the parts it uses. Below them sit leaves:
+//! `source` (the one seam for the three places a frame's pixels can be),
+//! `resolver` (resource id → pixels), `shm`, `budget`
+//! (`--max-buffered-mib`), `encoder` (caps on live encoders), `memory`,
+//! `stats`, `addr`.
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 mod addr;
+mod budget;
 mod conn;
+mod encoder;
+mod memory;
+mod reader;
 mod resolver;
 mod session;
 mod shm;
+mod source;
 mod stats;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use budget::Budget;
+use bytes::BytesMut;
+use encoder::EncoderFactory;
 use hxfr_encode::EncoderKind;
+use hxfr_proto::{ErrorCode, Packet};
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 pub use addr::{DEFAULT_TCP_PORT, DEFAULT_VSOCK_PORT, ListenAddr, parse_tcp};
+pub use budget::BufferGauge;
 pub use conn::StreamKind;
-pub use resolver::{ResolveError, Resolved, ResourceResolver};
+pub use encoder::EncoderGauge;
+pub use reader::MessageDeadline;
+pub use resolver::{MemoryResolver, Peer, ResolveError, Resolved, ResourceResolver};
 pub use shm::ShmRegion;
 pub use stats::{SessionInfo, Snapshot, StatsRegistry};
 
 /// Bounds on what guests may make the host hold.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Connections served at once; more wait in the accept queue.
+    /// Connections served at once; one more is answered ERROR and closed.
     pub max_connections: usize,
     /// Sessions (streams) on one connection.
     pub max_sessions: usize,
@@ -45,10 +67,19 @@ pub struct Limits {
     pub max_payload: u32,
     /// Requests queued per session before the host stops reading the socket.
     pub max_in_flight: usize,
-    /// Inline pixels queued for encoding across the whole host, in bytes. A
-    /// connection whose frame does not fit waits (and so stops reading),
-    /// whatever its own limits allow.
+    /// Message bytes buffered across the whole host (inline pixels until
+    /// encoded, any large message while it arrives), in bytes. A connection
+    /// whose message does not fit waits (and so stops reading), whatever its
+    /// own limits allow. Only a 16 KiB read-ahead per connection is outside it.
     pub max_buffered: u64,
+    /// How long a message may take from its first byte to its last.
+    pub message_deadline: MessageDeadline,
+    /// Encoders live across the host.
+    pub max_encoders: usize,
+    /// Width × height summed over the live encoders.
+    pub max_encoder_pixels: u64,
+    /// A session's encoder is closed after this long without a frame.
+    pub encoder_idle: Duration,
 }
 
 impl Default for Limits {
@@ -59,6 +90,10 @@ impl Default for Limits {
             max_payload: hxfr_proto::DEFAULT_MAX_PAYLOAD,
             max_in_flight: 4,
             max_buffered: 1 << 30,
+            message_deadline: MessageDeadline::default(),
+            max_encoders: 32,
+            max_encoder_pixels: 64_000_000,
+            encoder_idle: Duration::from_secs(30),
         }
     }
 }
@@ -68,7 +103,7 @@ pub struct HostConfig {
     pub encoder: EncoderKind,
     /// x264 preset (x264 and gst:x264enc backends).
     pub x264_preset: String,
-    /// Encoder threads per session, 0 = the encoder decides.
+    /// Encoder threads per session, 0 = one per core, at most 4.
     pub encoder_threads: u32,
     pub limits: Limits,
     /// File shared with the guest for SHM_FRAME_REQUEST.
@@ -111,17 +146,79 @@ pub enum HostError {
     Runtime(std::io::Error),
 }
 
-/// State shared by every connection.
-pub(crate) struct Ctx {
-    pub config: HostConfig,
-    /// `config.encoder` with `auto` resolved once at start.
-    pub encoder_kind: EncoderKind,
-    pub shm: Option<Arc<ShmRegion>>,
-    pub stats: StatsRegistry,
-    pub next_conn_id: AtomicU64,
-    pub conn_slots: Arc<Semaphore>,
-    /// `limits.max_buffered` in KiB permits.
-    pub buffer_budget: Arc<Semaphore>,
+/// Refusals being written at once; beyond this a refused guest's
+/// connection is only closed.
+const MAX_REFUSING: usize = 64;
+/// How long a refusal may take to write (and to drain what the guest sent,
+/// so that closing does not reset the connection before the ERROR is read).
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
+/// What the accept and connect loops share: the parts every connection
+/// gets, connection ids, and connection slots.
+struct Acceptor {
+    conns: Arc<conn::Shared>,
+    next_conn_id: AtomicU64,
+    max_connections: usize,
+    slots: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
+    refused: AtomicU64,
+}
+
+impl Acceptor {
+    fn serve<S>(&self, stream: S, peer: String, kind: StreamKind) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        conn::serve(self.conns.clone(), id, stream, peer, kind)
+    }
+
+    /// Serves an accepted guest in a slot of its own, or, with every slot
+    /// taken, answers ERROR and closes.
+    fn admit<S>(&self, stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return self.refuse(stream, peer);
+        };
+        let conn = self.serve(stream, peer, StreamKind::Socket);
+        tokio::spawn(async move {
+            conn.await;
+            drop(slot);
+        });
+    }
+
+    fn refuse<S>(&self, mut stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let max = self.max_connections;
+        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(%peer, "refused: {max} guests are connected, the limit (--max-connections); {n} refused so far");
+        }
+        let Ok(writing) = self.refusing.clone().try_acquire_owned() else { return };
+        let message = format!("host busy: {max} guests are connected, the host's limit (--max-connections {max})");
+        let mut bytes = BytesMut::new();
+        Packet::error(0, ErrorCode::Internal as i32, message).encode(&mut bytes);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REFUSAL_TIME, async {
+                stream.write_all(&bytes).await?;
+                stream.shutdown().await?;
+                tokio::io::copy(&mut (&mut stream).take(1 << 20), &mut tokio::io::sink()).await
+            })
+            .await;
+            drop(writing);
+        });
+    }
+}
+
+/// The host's live figures.
+#[derive(Clone)]
+struct Gauges {
+    budget: Arc<Budget>,
+    encoders: Arc<EncoderFactory>,
 }
 
 /// A bound listener, ready to serve.
@@ -146,13 +243,19 @@ impl Listener {
 
 #[derive(Clone)]
 pub struct Host {
-    ctx: Arc<Ctx>,
+    acceptor: Arc<Acceptor>,
+    /// `config.encoder` with `auto` resolved once at start.
+    encoder: EncoderKind,
+    stats: StatsRegistry,
+    gauges: Gauges,
+    stats_interval: Option<Duration>,
+    allow_remote: bool,
 }
 
 impl Host {
     /// Resolves the encoder (`auto` probes hardware once) and maps shared memory.
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
-        let encoder_kind = hxfr_encode::resolve(&config.encoder);
+        let encoder = hxfr_encode::resolve(&config.encoder);
         let shm = match &config.shm_path {
             Some(p) => {
                 let r = ShmRegion::open(p).map_err(|source| HostError::Shm { path: p.clone(), source })?;
@@ -161,29 +264,63 @@ impl Host {
             }
             None => None,
         };
-        let conn_slots = Arc::new(Semaphore::new(config.limits.max_connections.max(1)));
-        let budget_kib = (config.limits.max_buffered / 1024).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
-        let buffer_budget = Arc::new(Semaphore::new(budget_kib));
+        let limits = &config.limits;
+        let stats = StatsRegistry::default();
+        let budget = Arc::new(Budget::new(limits.max_buffered));
+        let encoders = Arc::new(EncoderFactory::new(
+            encoder.clone(),
+            config.x264_preset,
+            config.encoder_threads,
+            limits.max_encoders,
+            limits.max_encoder_pixels,
+        ));
+        let conns = Arc::new(conn::Shared {
+            max_sessions: limits.max_sessions,
+            max_payload: limits.max_payload,
+            message_deadline: limits.message_deadline,
+            max_in_flight: limits.max_in_flight,
+            encoder_idle: limits.encoder_idle,
+            budget: budget.clone(),
+            encoders: encoders.clone(),
+            shm,
+            resolver: config.resolver,
+            stats: stats.clone(),
+        });
+        let acceptor = Arc::new(Acceptor {
+            conns,
+            next_conn_id: AtomicU64::new(1),
+            max_connections: limits.max_connections.max(1),
+            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            refused: AtomicU64::new(0),
+        });
         Ok(Host {
-            ctx: Arc::new(Ctx {
-                config,
-                encoder_kind,
-                shm,
-                stats: StatsRegistry::default(),
-                next_conn_id: AtomicU64::new(1),
-                conn_slots,
-                buffer_budget,
-            }),
+            acceptor,
+            encoder,
+            stats,
+            gauges: Gauges { budget, encoders },
+            stats_interval: config.stats_interval,
+            allow_remote: config.allow_remote,
         })
     }
 
     /// The encoder sessions will use (`auto` already resolved).
     pub fn encoder(&self) -> &EncoderKind {
-        &self.ctx.encoder_kind
+        &self.encoder
     }
 
     pub fn stats(&self) -> StatsRegistry {
-        self.ctx.stats.clone()
+        self.stats.clone()
+    }
+
+    /// How much of `--max-buffered-mib` is taken, and who waits for it.
+    pub fn buffers(&self) -> BufferGauge {
+        self.gauges.budget.gauge()
+    }
+
+    /// Live encoders and their pixels, against `--max-encoders` and `--max-encoder-mpix`.
+    pub fn encoders(&self) -> EncoderGauge {
+        self.gauges.encoders.gauge()
     }
 
     /// Binds a listener (needs a tokio runtime).
@@ -192,7 +329,7 @@ impl Host {
         match addr {
             ListenAddr::Tcp(a) => {
                 if addr.is_remote() {
-                    if !self.ctx.config.allow_remote {
+                    if !self.allow_remote {
                         return Err(HostError::RemoteNotAllowed(addr.to_string()));
                     }
                     warn!("listening on {addr}: anyone who can reach it can send frames and read the video back");
@@ -226,13 +363,13 @@ impl Host {
         let mut tasks = tokio::task::JoinSet::new();
         for l in listeners {
             info!("listening on {}", l.local_addr());
-            tasks.spawn(accept_loop(self.ctx.clone(), l));
+            tasks.spawn(accept_loop(self.acceptor.clone(), l));
         }
         for p in connect {
-            tasks.spawn(connect_loop(self.ctx.clone(), p));
+            tasks.spawn(connect_loop(self.acceptor.clone(), p));
         }
-        if let Some(every) = self.ctx.config.stats_interval {
-            let stats = self.ctx.stats.clone();
+        if let Some(every) = self.stats_interval {
+            let stats = self.stats.clone();
             tasks.spawn(async move {
                 let mut t = tokio::time::interval(every);
                 t.tick().await;
@@ -255,49 +392,38 @@ fn is_socket(m: &std::fs::Metadata) -> bool {
     m.file_type().is_socket()
 }
 
-async fn accept_loop(ctx: Arc<Ctx>, listener: Listener) {
+async fn accept_loop(acceptor: Arc<Acceptor>, listener: Listener) {
     loop {
-        // Take a connection slot before accepting: at the limit, guests wait
-        // in the kernel's backlog instead of holding host memory.
-        let Ok(permit) = ctx.conn_slots.clone().acquire_owned().await else { return };
+        // Accept at once, also at the limit: a guest over it is told so,
+        // rather than left unanswered in the kernel's backlog.
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(conn::serve(ctx.clone(), s, format!("tcp:{a}"), StreamKind::Socket))
+                acceptor.admit(s, format!("tcp:{a}"))
             }),
-            Listener::Unix(l, p) => l.accept().await.map(|(s, _)| {
-                tokio::spawn(conn::serve(ctx.clone(), s, format!("unix:{}", p.display()), StreamKind::Socket))
-            }),
+            Listener::Unix(l, p) => l.accept().await.map(|(s, _)| acceptor.admit(s, format!("unix:{}", p.display()))),
             #[cfg(target_os = "linux")]
-            Listener::Vsock(l, _) => l.accept().await.map(|(s, a)| {
-                tokio::spawn(conn::serve(ctx.clone(), s, format!("vsock:{}:{}", a.cid(), a.port()), StreamKind::Socket))
-            }),
+            Listener::Vsock(l, _) => {
+                l.accept().await.map(|(s, a)| acceptor.admit(s, format!("vsock:{}:{}", a.cid(), a.port())))
+            }
         };
-        match accepted {
-            Ok(task) => {
-                tokio::spawn(async move {
-                    let _ = task.await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                warn!("accept on {} failed: {e}", listener.local_addr());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        if let Err(e) = accepted {
+            warn!("accept on {} failed: {e}", listener.local_addr());
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
 
 /// Keeps a connection to a QEMU chardev socket: QEMU listens, we connect, and
 /// connect again whenever the VM restarts or the socket goes away.
-async fn connect_loop(ctx: Arc<Ctx>, path: PathBuf) {
+async fn connect_loop(acceptor: Arc<Acceptor>, path: PathBuf) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match tokio::net::UnixStream::connect(&path).await {
             Ok(s) => {
                 backoff = Duration::from_millis(100);
                 let peer = format!("serial:{}", path.display());
-                conn::serve(ctx.clone(), s, peer, StreamKind::Serial).await;
+                acceptor.serve(s, peer, StreamKind::Serial).await;
             }
             Err(e) => {
                 if backoff >= Duration::from_secs(5) {
@@ -318,6 +444,7 @@ pub struct HostHandle {
     pub addrs: Vec<ListenAddr>,
     pub encoder: EncoderKind,
     stats: StatsRegistry,
+    gauges: Gauges,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -325,6 +452,16 @@ pub struct HostHandle {
 impl HostHandle {
     pub fn stats(&self) -> Vec<Snapshot> {
         self.stats.snapshots()
+    }
+
+    /// How much of `--max-buffered-mib` is taken, and who waits for it.
+    pub fn buffers(&self) -> BufferGauge {
+        self.gauges.budget.gauge()
+    }
+
+    /// Live encoders and their pixels, against `--max-encoders` and `--max-encoder-mpix`.
+    pub fn encoders(&self) -> EncoderGauge {
+        self.gauges.encoders.gauge()
     }
 
     /// Stops the host and waits for it.
@@ -353,7 +490,7 @@ impl Drop for HostHandle {
 /// inside an async runtime or not.
 pub fn spawn(config: HostConfig, listen: Vec<ListenAddr>, connect: Vec<PathBuf>) -> Result<HostHandle, HostError> {
     let host = Host::new(config)?;
-    let (stats, encoder) = (host.stats(), host.encoder().clone());
+    let (stats, encoder, gauges) = (host.stats(), host.encoder().clone(), host.gauges.clone());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
@@ -395,5 +532,5 @@ pub fn spawn(config: HostConfig, listen: Vec<ListenAddr>, connect: Vec<PathBuf>)
     let addrs = ready_rx
         .recv()
         .map_err(|_| HostError::Runtime(std::io::Error::other("host thread ended before binding")))??;
-    Ok(HostHandle { addrs, encoder, stats, stop: Some(stop_tx), thread: Some(thread) })
+    Ok(HostHandle { addrs, encoder, stats, gauges, stop: Some(stop_tx), thread: Some(thread) })
 }

@@ -7,27 +7,29 @@
 //! per CONFIG_REQ, nothing for KEYFRAME_REQ.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use hxfr_encode::{EncodeError, Encoder, EncoderConfig, Frame};
-use hxfr_proto::{
-    ConfigReq, ConfigResp, ErrorCode, FrameRequest, FrameResponse, Layout, Message, Packet, PixelFormat,
-    ShmFrameRequest,
-};
-use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use hxfr_encode::Frame;
+use hxfr_proto::{ConfigReq, ConfigResp, ErrorCode, FrameResponse, Message, Packet};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::{Span, debug, info, warn};
 
-use crate::Ctx;
-use crate::conn::Outgoing;
+use crate::encoder::{EncoderFactory, LiveEncoder, OpenError};
+use crate::source::{FrameJob, FrameSources, Mapped};
 use crate::stats::SessionStats;
+
+/// An answer, tagged with the conversation it belongs to: after a HELLO the
+/// connection's writer drops answers of the sessions that came before it.
+pub(crate) struct Outgoing {
+    pub epoch: u64,
+    pub packet: Packet,
+}
 
 /// Work for a session, in the order the guest sent it.
 pub(crate) enum Job {
-    /// Holds its share of the host's buffer budget until encoded.
-    Inline(FrameRequest, Option<tokio::sync::OwnedSemaphorePermit>),
-    Shm(ShmFrameRequest),
-    Resource(FrameRequest),
+    Frame(FrameJob),
     Keyframe,
     Config(ConfigReq),
     /// An answer prepared by the reader (e.g. ERROR for a malformed request)
@@ -35,18 +37,51 @@ pub(crate) enum Job {
     Reply(Packet),
 }
 
+/// A job in the queue, holding its place there until the session takes it.
+struct Queued {
+    job: Job,
+    _slot: OwnedSemaphorePermit,
+}
+
 /// The reader's end of a session. Dropping it lets the session finish what
 /// is queued; [`SessionHandle::abort`] makes it skip that instead.
 pub(crate) struct SessionHandle {
-    pub jobs: mpsc::Sender<Job>,
+    jobs: std_mpsc::Sender<Queued>,
+    /// Places in the queue: the reader waits for one (backpressure).
+    slots: Arc<Semaphore>,
     closed: Arc<AtomicBool>,
 }
 
 impl SessionHandle {
+    /// Queues a job, waiting while the session's queue is full. False when
+    /// the session has ended.
+    pub async fn send(&self, job: Job) -> bool {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else { return false };
+        self.jobs.send(Queued { job, _slot: slot }).is_ok()
+    }
+
     /// Queued jobs will be skipped, not encoded (the guest is gone or restarted).
     pub fn abort(self) {
         self.closed.store(true, Ordering::Relaxed);
     }
+}
+
+/// Exactly what a session works with.
+pub(crate) struct SessionParts {
+    pub id: u16,
+    /// The conversation (HELLO count) its answers belong to.
+    pub epoch: u64,
+    pub encoders: Arc<EncoderFactory>,
+    pub sources: Arc<FrameSources>,
+    pub stats: Arc<Mutex<SessionStats>>,
+    pub out: mpsc::Sender<Outgoing>,
+    /// Jobs queued before the reader waits.
+    pub queue: usize,
+    /// An encoder that has had no frame for this long is closed.
+    pub idle: Duration,
+    pub thread_name: String,
+    /// Entered on the session's thread: every log line names the session.
+    pub span: Span,
 }
 
 /// Rate settings a guest may change with CONFIG_REQ; size comes from frames.
@@ -61,56 +96,68 @@ struct Rate {
 }
 
 struct Worker {
-    ctx: Arc<Ctx>,
-    session_id: u16,
+    id: u16,
     epoch: u64,
+    encoders: Arc<EncoderFactory>,
+    sources: Arc<FrameSources>,
+    stats: Arc<Mutex<SessionStats>>,
     out: mpsc::Sender<Outgoing>,
     closed: Arc<AtomicBool>,
-    encoder: Option<Box<dyn Encoder>>,
+    encoder: Option<LiveEncoder>,
+    idle: Duration,
     rate: Rate,
     force_next: bool,
-    stats: Arc<Mutex<SessionStats>>,
     /// ERROR answers in a row, to log loudly once rather than per frame.
     errors_in_row: u32,
 }
 
-pub(crate) fn spawn(
-    ctx: Arc<Ctx>,
-    conn_id: u64,
-    session_id: u16,
-    epoch: u64,
-    out: mpsc::Sender<Outgoing>,
-    peer: &str,
-) -> std::io::Result<SessionHandle> {
-    let (tx, rx) = mpsc::channel(ctx.config.limits.max_in_flight.max(1));
+pub(crate) fn spawn(p: SessionParts) -> std::io::Result<SessionHandle> {
+    // Unbounded, but a job needs a slot to get in.
+    let (tx, rx) = std_mpsc::channel();
+    let slots = Arc::new(Semaphore::new(p.queue.max(1)));
     let closed = Arc::new(AtomicBool::new(false));
-    let stats = ctx.stats.register(conn_id, session_id, peer.to_string());
     let worker = Worker {
-        ctx,
-        session_id,
-        epoch,
-        out,
+        id: p.id,
+        epoch: p.epoch,
+        encoders: p.encoders,
+        sources: p.sources,
+        stats: p.stats,
+        out: p.out,
         closed: closed.clone(),
         encoder: None,
+        idle: p.idle,
         rate: Rate { bitrate: 4_000_000, fps_num: 30, fps_den: 1, profile: 0, explicit: false },
         force_next: true,
-        stats,
         errors_in_row: 0,
     };
-    std::thread::Builder::new().name(format!("hxfr-c{conn_id}-s{session_id}")).spawn(move || worker.run(rx))?;
-    Ok(SessionHandle { jobs: tx, closed })
+    let span = p.span;
+    std::thread::Builder::new().name(p.thread_name).spawn(move || span.in_scope(|| worker.run(rx)))?;
+    Ok(SessionHandle { jobs: tx, slots, closed })
 }
 
 impl Worker {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(job) = rx.blocking_recv() {
+    fn run(mut self, rx: std_mpsc::Receiver<Queued>) {
+        debug!("session started");
+        loop {
+            // While an encoder is open, wait only so long for the next job.
+            let next = match self.encoder {
+                Some(_) => rx.recv_timeout(self.idle),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let job = match next {
+                Ok(q) => q.job, // its slot is free again
+                Err(RecvTimeoutError::Timeout) => {
+                    self.encoder = None;
+                    info!("no frame for {}s: encoder closed", self.idle.as_secs_f32());
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             if self.closed.load(Ordering::Relaxed) {
                 continue; // connection gone: drain without encoding
             }
             let reply = match job {
-                Job::Inline(req, _budget) => Some(self.inline(req)),
-                Job::Shm(req) => Some(self.shm(req)),
-                Job::Resource(req) => Some(self.resource(req)),
+                Job::Frame(f) => Some(self.frame(f)),
                 Job::Keyframe => {
                     self.force_next = true;
                     None
@@ -129,64 +176,25 @@ impl Worker {
                 break; // writer gone
             }
         }
+        self.encoder = None; // no longer counted by the host, before the session says it ended
         self.stats.lock().unwrap().ended = Some(Instant::now());
-        debug!(session = self.session_id, "session ended");
+        debug!("session ended");
     }
 
     fn error(&mut self, code: ErrorCode, msg: String) -> Packet {
         self.errors_in_row += 1;
         self.stats.lock().unwrap().info.dropped += 1;
         if self.errors_in_row == 1 || self.errors_in_row.is_power_of_two() {
-            warn!(session = self.session_id, code = code as i32, "{msg} ({} in a row)", self.errors_in_row);
+            warn!(code = code as i32, "{msg} ({} in a row)", self.errors_in_row);
         }
-        Packet::error(self.session_id, code as i32, msg)
+        Packet::error(self.id, code as i32, msg)
     }
 
-    fn inline(&mut self, req: FrameRequest) -> Packet {
-        let Some(format) = PixelFormat::from_fourcc(req.format) else {
-            return self.error(ErrorCode::InvalidMessage, format!("unsupported pixel format {}", req.format));
-        };
-        let Some(pixels) = req.pixels.clone() else {
-            return self.error(ErrorCode::InvalidMessage, "frame request without pixels or resource".into());
-        };
-        let layout = Layout::inline(format, req.width, req.height, req.stride);
-        self.encode(&pixels, &layout, req.pts, req.duration, req.force_keyframe)
-    }
-
-    fn shm(&mut self, req: ShmFrameRequest) -> Packet {
-        let Some(region) = self.ctx.shm.clone() else {
-            return self.error(ErrorCode::InvalidMessage, "this host has no shared-memory region (--shm)".into());
-        };
-        let Some(format) = PixelFormat::from_fourcc(req.format) else {
-            return self.error(ErrorCode::InvalidMessage, format!("unsupported pixel format {}", req.format));
-        };
-        if req.num_planes as usize != format.num_planes() {
-            return self.error(
-                ErrorCode::InvalidMessage,
-                format!("{} planes given, {format:?} has {}", req.num_planes, format.num_planes()),
-            );
-        }
-        let layout = Layout {
-            format,
-            width: req.width,
-            height: req.height,
-            offsets: [req.planes[0].offset, req.planes[1].offset],
-            strides: [req.planes[0].stride as u64, req.planes[1].stride as u64],
-        };
-        // Layout::check (inside Frame::new) bounds every plane by the region.
-        self.encode(region.bytes(), &layout, req.pts, req.duration, req.force_keyframe)
-    }
-
-    fn resource(&mut self, req: FrameRequest) -> Packet {
-        let Some(resolver) = self.ctx.config.resolver.clone() else {
-            return self.error(
-                ErrorCode::ResourceNotFound,
-                format!("resource {} not found: this host cannot map guest GPU resources", req.resource_id),
-            );
-        };
-        match resolver.resolve(req.resource_id) {
-            Ok(r) => self.encode(&r.data, &r.layout, req.pts, req.duration, req.force_keyframe),
-            Err(e) => self.error(ErrorCode::ResourceNotFound, e.to_string()),
+    /// Maps the frame's pixels, whatever their source, and encodes them.
+    fn frame(&mut self, job: FrameJob) -> Packet {
+        match self.sources.map(&job.meta, job.source) {
+            Ok(mapped) => self.encode(&mapped, job.meta.pts, job.meta.duration, job.meta.force_keyframe),
+            Err(e) => self.error(e.code, e.message),
         }
     }
 
@@ -199,13 +207,13 @@ impl Worker {
             explicit: true,
         };
         if rate != self.rate {
-            info!(session = self.session_id, bitrate = rate.bitrate, fps = rate.fps_num / rate.fps_den, "configured");
+            info!(bitrate = rate.bitrate, fps = rate.fps_num / rate.fps_den, "configured");
             self.rate = rate;
             self.encoder = None; // rebuilt at the next frame with the new settings
         }
-        let name = self.encoder.as_ref().map_or_else(|| self.ctx.encoder_kind.to_string(), |e| e.name().to_string());
+        let name = self.encoder.as_ref().map_or_else(|| self.encoders.kind().to_string(), |e| e.name().to_string());
         Packet::new(
-            self.session_id,
+            self.id,
             Message::ConfigResp(ConfigResp {
                 status: 0,
                 width: c.width,
@@ -232,27 +240,29 @@ impl Worker {
         }
     }
 
-    fn encode(&mut self, data: &[u8], layout: &Layout, pts: i64, duration: i64, force: bool) -> Packet {
-        let frame = match Frame::new(data, layout, force || self.force_next) {
+    fn encode(&mut self, mapped: &Mapped, pts: i64, duration: i64, force: bool) -> Packet {
+        let frame = match Frame::new(&mapped.data, &mapped.layout, force || self.force_next) {
             Ok(f) => f,
             Err(e) => return self.error(ErrorCode::InvalidMessage, e.to_string()),
         };
         self.rate_from_duration(duration);
         let started = Instant::now();
         if let Err(e) = self.ensure_encoder(&frame) {
-            return self.error(ErrorCode::EncodeFailed, e.to_string());
+            let msg = match e {
+                OpenError::Busy(why) => why,
+                OpenError::Failed(e) => e.to_string(),
+            };
+            return self.error(ErrorCode::EncodeFailed, msg);
         }
         let enc = self.encoder.as_mut().expect("ensured above");
         match enc.encode(&frame) {
             Ok(out) => {
                 self.force_next = false;
                 self.errors_in_row = 0;
-                // The frame's own bytes: shared-memory planes sit at offsets in the region.
-                let bytes_in =
-                    (0..layout.format.num_planes()).map(|p| (layout.plane_end(p) - layout.offsets[p]) as usize).sum();
+                let bytes_in = mapped.frame_bytes();
                 self.stats.lock().unwrap().record_encode(started.elapsed(), bytes_in, out.data.len(), out.keyframe);
                 Packet::new(
-                    self.session_id,
+                    self.id,
                     Message::FrameResponse(FrameResponse {
                         pts,
                         dts: pts,
@@ -271,35 +281,28 @@ impl Worker {
     }
 
     /// (Re)builds the encoder when there is none or the frame size changed.
-    fn ensure_encoder(&mut self, frame: &Frame<'_>) -> Result<(), EncodeError> {
+    fn ensure_encoder(&mut self, frame: &Frame<'_>) -> Result<(), OpenError> {
         if let Some(e) = &self.encoder {
             let c = e.config();
             if (c.width, c.height) == (frame.width, frame.height) {
                 return Ok(());
             }
-            info!(
-                session = self.session_id,
-                "size {}x{} -> {}x{}: new encoder", c.width, c.height, frame.width, frame.height
-            );
+            info!("size {}x{} -> {}x{}: new encoder", c.width, c.height, frame.width, frame.height);
+            self.encoder = None; // no longer counted against the host's caps
         }
-        let cfg = EncoderConfig {
-            width: frame.width,
-            height: frame.height,
-            fps_num: self.rate.fps_num,
-            fps_den: self.rate.fps_den,
-            bitrate: self.rate.bitrate,
-            profile: self.rate.profile,
-            preset: self.ctx.config.x264_preset.clone(),
-            threads: self.ctx.config.encoder_threads,
-        };
-        let enc = hxfr_encode::open(&self.ctx.encoder_kind, &cfg)?;
+        let mut cfg = self.encoders.config(frame.width, frame.height);
+        cfg.fps_num = self.rate.fps_num;
+        cfg.fps_den = self.rate.fps_den;
+        cfg.bitrate = self.rate.bitrate;
+        cfg.profile = self.rate.profile;
+        let enc = self.encoders.open(&cfg)?;
         {
             let s = &mut self.stats.lock().unwrap().info;
             s.encoder = enc.name().to_string();
             s.width = frame.width;
             s.height = frame.height;
         }
-        debug!(session = self.session_id, encoder = enc.name(), "{}x{} @ {} bit/s", cfg.width, cfg.height, cfg.bitrate);
+        debug!(encoder = enc.name(), "{}x{} @ {} bit/s", cfg.width, cfg.height, cfg.bitrate);
         self.encoder = Some(enc);
         Ok(())
     }

@@ -2,59 +2,22 @@
 //! by a real decoder (GStreamer avdec_h264) and compared with what was sent.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hxfr_encode::EncoderKind;
 use hxfr_guest::{Connection, HostAddr};
-use hxfr_host::{HostConfig, HostHandle, Limits, ListenAddr};
+use hxfr_host::{BufferGauge, HostConfig, Limits, MemoryResolver, ResolveError, Resolved, ResourceResolver};
 use hxfr_proto::{
     ConfigReq, ErrorCode, Fourcc, FrameRequest, FrameResponse, Header, Message, Packet, PixelFormat, ShmFrameRequest,
     ShmPlane, msg_type,
 };
 use hxfr_testkit::{Content, Output, decode_h264, nal_types, pattern_bgrx, pattern_nv12, psnr, psnr_bgrx, psnr_nv12};
 
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-struct Host {
-    handle: HostHandle,
-    _dir: tempfile::TempDir,
-    unix: PathBuf,
-}
-
-impl Host {
-    fn start(config: HostConfig) -> Host {
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("hxfr_host=debug").try_init();
-        let dir = tempfile::tempdir().unwrap();
-        let unix = dir.path().join("host.sock");
-        let handle =
-            hxfr_host::spawn(config, vec![ListenAddr::Unix(unix.clone()), "tcp:127.0.0.1:0".parse().unwrap()], vec![])
-                .unwrap();
-        Host { handle, _dir: dir, unix }
-    }
-
-    fn x264() -> Host {
-        Host::start(HostConfig { encoder: EncoderKind::X264, ..Default::default() })
-    }
-
-    fn unix_addr(&self) -> HostAddr {
-        HostAddr::Unix(self.unix.clone())
-    }
-
-    fn tcp_addr(&self) -> HostAddr {
-        match &self.handle.addrs[1] {
-            ListenAddr::Tcp(a) => HostAddr::Tcp(a.ip().to_string(), a.port()),
-            _ => unreachable!(),
-        }
-    }
-
-    fn connect(&self, addr: &HostAddr) -> Connection {
-        let mut c = Connection::connect(addr, TIMEOUT).unwrap();
-        c.rx_timeout(TIMEOUT);
-        c
-    }
-}
+mod common;
+use common::{Host, TIMEOUT, frame_request, wait_for};
 
 trait RxTimeout {
     fn rx_timeout(&mut self, t: Duration);
@@ -78,20 +41,8 @@ struct Shape(PixelFormat, u32, u32, usize);
 
 fn inline_request(session: u16, shape: Shape, i: u32, force: bool, px: Vec<u8>) -> Packet {
     let Shape(format, w, h, stride) = shape;
-    Packet::new(
-        session,
-        Message::FrameRequest(FrameRequest {
-            resource_id: 0,
-            width: w,
-            height: h,
-            format: format.fourcc(),
-            stride: stride as u32,
-            pts: i as i64 * 33_333_333,
-            duration: 33_333_333,
-            force_keyframe: force,
-            pixels: Some(Bytes::from(px)),
-        }),
-    )
+    let r = frame_request(format, w, h, stride as u32, Some(Bytes::from(px)));
+    Packet::new(session, Message::FrameRequest(FrameRequest { pts: i as i64 * 33_333_333, force_keyframe: force, ..r }))
 }
 
 fn response(p: Packet) -> FrameResponse {
@@ -231,7 +182,7 @@ fn several_sessions_on_one_connection() {
 
 #[test]
 fn several_connections_at_once() {
-    let host = std::sync::Arc::new(Host::x264());
+    let host = Arc::new(Host::x264());
     let threads: Vec<_> = (0..4)
         .map(|k| {
             let host = host.clone();
@@ -573,9 +524,12 @@ fn oversize_inline_payload_is_refused_by_the_configured_limit() {
 fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
     // 1 MiB for the whole host; frames of 0.9 MiB and 1.2 MiB (larger than
     // the budget itself) on several connections at once.
-    let host = std::sync::Arc::new(Host::start(HostConfig {
+    let gate = Arc::new(GatedResolver::default());
+    let resolver: Arc<dyn ResourceResolver> = gate.clone();
+    let host = Arc::new(Host::start(HostConfig {
         encoder: EncoderKind::X264,
         limits: Limits { max_buffered: 1 << 20, ..Default::default() },
+        resolver: Some(resolver),
         ..Default::default()
     }));
     let threads: Vec<_> = [(640u32, 360u32), (640, 480), (640, 360)]
@@ -588,6 +542,153 @@ fn a_small_buffer_budget_slows_guests_but_serves_every_frame() {
     for t in threads {
         t.join().unwrap();
     }
+    wait_for("the budget to be given back", || host.handle.buffers().in_use == 0);
+
+    // Now prove the budget is what slowed them. Guest A's 0.9 MiB frame
+    // queues behind a frame whose resource the gate holds, so it keeps its
+    // share of the budget; guest B's 0.9 MiB frame then does not fit.
+    gate.inner.insert(1, resolved_bgrx(320, 240, 0));
+    let mut a = host.connect(&host.unix_addr());
+    a.send(&resource_request(1, 1, 320, 240, 0)).unwrap();
+    wait_for("the gate to hold A's first frame", || gate.held.load(Ordering::SeqCst) == 1);
+    let px = frame_pixels(PixelFormat::Bgrx, 640, 360, 2560, 1);
+    a.send(&inline_request(1, Shape(PixelFormat::Bgrx, 640, 360, 2560), 1, false, px)).unwrap();
+    // Its payload (44-byte body + pixels), in KiB.
+    let a_share = (44 + 640 * 360 * 4u64).div_ceil(1024) * 1024;
+    wait_for("A's frame to hold 901 KiB", || host.handle.buffers().in_use == a_share);
+    let b = host.connect(&host.unix_addr());
+    let (mut b_tx, mut b_rx) = b.split();
+    let b_sender = std::thread::spawn(move || {
+        let px = frame_pixels(PixelFormat::Bgrx, 640, 360, 2560, 2);
+        b_tx.send(&inline_request(1, Shape(PixelFormat::Bgrx, 640, 360, 2560), 2, false, px)).unwrap();
+        b_tx
+    });
+    wait_for("B to wait for room", || host.handle.buffers().waiting == 1);
+    let gauge = host.handle.buffers();
+    assert_eq!((gauge.in_use, gauge.limit), (a_share, 1 << 20), "B's frame is not taken on while A's holds the room");
+    b_rx.set_timeout(Some(Duration::from_millis(200))).unwrap();
+    assert!(b_rx.recv().is_err_and(|e| e.is_timeout()), "B is not answered while it waits");
+    b_rx.set_timeout(Some(TIMEOUT)).unwrap();
+    gate.open();
+    assert_eq!(response(a.recv().unwrap()).pts, 0);
+    assert_eq!(response(a.recv().unwrap()).pts, 33_333_333);
+    assert_eq!(response(b_rx.recv().unwrap()).pts, 2 * 33_333_333, "B is served once A's frame is encoded");
+    let _b_tx = b_sender.join().unwrap();
+    wait_for("the budget to be given back", || {
+        host.handle.buffers() == BufferGauge { in_use: 0, limit: 1 << 20, waiting: 0 }
+    });
+}
+
+/// A resolver double that holds every resolution until its gate opens.
+#[derive(Default)]
+struct GatedResolver {
+    inner: MemoryResolver,
+    open: Mutex<bool>,
+    cv: Condvar,
+    /// Resolutions waiting at the gate.
+    held: AtomicUsize,
+}
+
+impl GatedResolver {
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl ResourceResolver for GatedResolver {
+    fn resolve(&self, id: u32) -> Result<Resolved, ResolveError> {
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let open = self.open.lock().unwrap();
+        drop(self.cv.wait_while(open, |open| !*open).unwrap());
+        self.held.fetch_sub(1, Ordering::SeqCst);
+        self.inner.resolve(id)
+    }
+}
+
+/// A BGRx test picture as a resolved resource (stride padded past the row).
+fn resolved_bgrx(w: u32, h: u32, i: u32) -> Resolved {
+    let stride = w * 4 + 256;
+    let data = Bytes::from(frame_pixels(PixelFormat::Bgrx, w, h, stride as usize, i));
+    Resolved { data, layout: hxfr_proto::Layout::inline(PixelFormat::Bgrx, w, h, stride) }
+}
+
+fn resource_request(session: u16, id: u32, w: u32, h: u32, i: u32) -> Packet {
+    let r = frame_request(PixelFormat::Bgrx, w, h, w * 4, None);
+    Packet::new(session, Message::FrameRequest(FrameRequest { resource_id: id, pts: i as i64 * 33_333_333, ..r }))
+}
+
+fn resolver_host(resolver: Arc<MemoryResolver>) -> Host {
+    let resolver: Arc<dyn ResourceResolver> = resolver;
+    Host::start(HostConfig { encoder: EncoderKind::X264, resolver: Some(resolver), ..Default::default() })
+}
+
+#[test]
+fn resource_frames_are_resolved_and_encoded() {
+    let resources = Arc::new(MemoryResolver::default());
+    let host = resolver_host(resources.clone());
+    let mut c = host.connect(&host.unix_addr());
+    let hello = c.hello(hxfr_proto::features::RESOURCE, TIMEOUT).unwrap();
+    assert!(hello.features & hxfr_proto::features::RESOURCE != 0, "the host offers resource frames");
+    c.rx_timeout(TIMEOUT);
+    let (w, h) = (640, 360);
+    let (mut sent, mut aus) = (Vec::new(), Vec::new());
+    for i in 0..8 {
+        // The guest draws into its resource, then names it.
+        let r = resolved_bgrx(w, h, i);
+        sent.push((r.data.clone(), r.layout.strides[0] as usize));
+        resources.insert(5, r);
+        c.send(&resource_request(1, 5, w, h, i)).unwrap();
+        let r = response(c.recv().unwrap());
+        assert_eq!(r.pts, i as i64 * 33_333_333);
+        aus.push(r.to_annex_b());
+    }
+    let pics = decode_h264(&aus, Output::Bgrx).unwrap();
+    assert_eq!(pics.len(), 8);
+    for (i, ((src, stride), pic)) in sent.iter().zip(&pics).enumerate() {
+        let p = psnr_bgrx(src, *stride, &pic.data, w, h);
+        assert!(p >= 30.0, "frame {i}: PSNR {p:.1} dB");
+    }
+    let s = &host.handle.stats()[0].info;
+    assert_eq!((s.frames, s.dropped, s.width, s.height), (8, 0, w, h));
+}
+
+#[test]
+fn resource_errors_are_answered_and_the_session_goes_on() {
+    let resources = Arc::new(MemoryResolver::default());
+    let host = resolver_host(resources.clone());
+    let mut c = host.connect(&host.unix_addr());
+    resources.insert(5, resolved_bgrx(640, 360, 0));
+
+    c.send(&resource_request(1, 99, 640, 360, 0)).unwrap();
+    let p = c.recv().unwrap();
+    assert_eq!(error_code(&p), ErrorCode::ResourceNotFound as i32, "an unknown id");
+
+    for (w, h, format, says) in [
+        (1280, 720, Fourcc::ARGB8888, "resource 5 is 640x360 Bgrx, the request says 1280x720 Bgrx"),
+        (640, 360, Fourcc::NV12, "resource 5 is 640x360 Bgrx, the request says 640x360 Nv12"),
+    ] {
+        let mut req = resource_request(1, 5, w, h, 1);
+        if let Message::FrameRequest(r) = &mut req.message {
+            r.format = format;
+        }
+        c.send(&req).unwrap();
+        match c.recv().unwrap().message {
+            Message::Error { code, message } => {
+                assert_eq!(code, ErrorCode::InvalidMessage as i32);
+                assert_eq!(message, says);
+            }
+            other => panic!("expected ERROR, got {other:?}"),
+        }
+    }
+    // Freed: -2; the same session still encodes what exists.
+    resources.insert(6, resolved_bgrx(640, 360, 0));
+    resources.remove(5);
+    c.send(&resource_request(1, 5, 640, 360, 2)).unwrap();
+    assert_eq!(error_code(&c.recv().unwrap()), ErrorCode::ResourceNotFound as i32, "a freed id");
+    c.send(&resource_request(1, 6, 640, 360, 3)).unwrap();
+    assert!(response(c.recv().unwrap()).is_keyframe);
+    assert_eq!(host.handle.stats()[0].info.dropped, 4);
 }
 
 #[test]

@@ -277,6 +277,12 @@ fn run(args: &Args) -> Result<Tally, String> {
                 log(format!("dying half-way through frame {sent}"));
                 std::process::exit(3);
             }
+            // The reader frees an answered frame's area just after handing
+            // the answer over: wait for that before looking for a free one.
+            if let Err(e) = client.wait_below(client.window(), Duration::from_secs(args.reply_timeout)) {
+                log(format!("waiting for room: {e}"));
+                break;
+            }
             let area = region.as_ref().and_then(|_| client.take_area());
             let packet = match (region.as_mut(), area) {
                 (Some(r), Some(a)) => shm_request(&frames, r, sent, a),

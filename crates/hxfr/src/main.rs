@@ -60,7 +60,7 @@ struct HostArgs {
     /// x264 speed preset.
     #[arg(long, default_value = "ultrafast")]
     x264_preset: String,
-    /// Encoder threads per session (0: the encoder decides).
+    /// Encoder threads per session (0: one per core, at most 4).
     #[arg(long, default_value_t = 0)]
     threads: u32,
     /// A file shared with the guest (QEMU memory-backend-file behind
@@ -73,6 +73,7 @@ struct HostArgs {
     /// Seconds between stats lines (0: only on exit).
     #[arg(long, default_value_t = 10)]
     stats_interval: u64,
+    /// Guests served at once; one more is answered ERROR and closed.
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
     /// Streams per connection.
@@ -84,9 +85,19 @@ struct HostArgs {
     /// Largest message accepted, in MiB.
     #[arg(long, default_value_t = Limits::default().max_payload >> 20)]
     max_payload_mib: u32,
-    /// Inline pixels queued for encoding across all guests, in MiB.
+    /// Message bytes buffered across all guests (inline pixels until
+    /// encoded, large messages while they arrive), in MiB.
     #[arg(long, default_value_t = Limits::default().max_buffered >> 20)]
     max_buffered_mib: u64,
+    /// Encoders live across all guests; a session over it is answered ERROR.
+    #[arg(long, default_value_t = Limits::default().max_encoders)]
+    max_encoders: usize,
+    /// Megapixels (width x height) of all live encoders together.
+    #[arg(long, default_value_t = Limits::default().max_encoder_pixels / 1_000_000)]
+    max_encoder_mpix: u64,
+    /// A session's encoder is closed after this many seconds without a frame.
+    #[arg(long, default_value_t = Limits::default().encoder_idle.as_secs())]
+    encoder_idle_secs: u64,
 }
 
 fn main() -> Result<()> {
@@ -151,6 +162,10 @@ fn host(a: HostArgs) -> Result<()> {
             max_payload: a.max_payload_mib << 20,
             max_in_flight: a.max_in_flight,
             max_buffered: a.max_buffered_mib.max(1) << 20,
+            max_encoders: a.max_encoders,
+            max_encoder_pixels: a.max_encoder_mpix.saturating_mul(1_000_000),
+            encoder_idle: Duration::from_secs(a.encoder_idle_secs.max(1)),
+            ..Limits::default()
         },
         shm_path: a.shm,
         resolver: None,

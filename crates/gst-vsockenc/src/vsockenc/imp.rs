@@ -42,6 +42,9 @@ struct State {
     force_next: bool,
     /// Latency last announced (min), to re-announce when it moves.
     latency: gst::ClockTime,
+    /// Whether upstream is live (asked once per format): a live source must
+    /// not be held back by a slow host, its frames are dropped instead.
+    live: Option<bool>,
 }
 
 pub struct VsockEnc {
@@ -317,6 +320,7 @@ impl VideoEncoderImpl for VsockEnc {
             frames: 0,
             force_next: true,
             latency: gst::ClockTime::ZERO,
+            live: None,
         });
         Ok(())
     }
@@ -379,6 +383,7 @@ impl VideoEncoderImpl for VsockEnc {
             state.transfer.name()
         );
         state.force_next = true;
+        state.live = None;
         Self::send_config(&settings, state);
 
         let caps =
@@ -407,6 +412,24 @@ impl VideoEncoderImpl for VsockEnc {
     fn handle_frame(&self, frame: gst_video::VideoCodecFrame) -> Result<gst::FlowSuccess, gst::FlowError> {
         (*self.shared.flow.lock().unwrap())?;
         let settings = self.settings.lock().unwrap().clone();
+        // A live source must never wait on a slow host (its frames would
+        // pile up and arrive as a late burst): once the host has answered
+        // (its encoder is up), give it one frame time to make room, then
+        // drop this frame. Others wait as long as the reply timeout allows:
+        // they lose nothing.
+        let warmed_up = self.shared.stats.answered.load(Ordering::Relaxed) > 0;
+        let room = if warmed_up && self.upstream_is_live() { self.frame_time() } else { settings.reply_timeout() };
+        // The frame handle holds the stream lock too: let go of it while we wait.
+        let id = frame.system_frame_number();
+        drop(frame);
+        let has_room = self.wait_for_room(room, settings.reply_timeout());
+        let obj = self.obj();
+        let frame = obj.frame(id as i32).ok_or(gst::FlowError::Error)?;
+        if !has_room {
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            gst::debug!(CAT, imp = self, "host busy: dropping frame {id} at the input");
+            return obj.finish_frame(frame); // no output buffer: dropped
+        }
         let mut guard = self.state.lock().unwrap();
         let state = guard.as_mut().ok_or(gst::FlowError::NotNegotiated)?;
         let info = state.info.clone().ok_or(gst::FlowError::NotNegotiated)?;
@@ -440,8 +463,7 @@ impl VideoEncoderImpl for VsockEnc {
                 return Err(gst::FlowError::Error);
             }
         };
-        let id = frame.system_frame_number();
-        // Our frame handle holds the stream lock; let go of it before waiting.
+        // Our frame handle holds the stream lock; the reader needs it.
         drop(frame);
         match state.client.send(id, area, &Packet::new(settings.session_id as u16, message)) {
             Ok(()) => {
@@ -454,7 +476,6 @@ impl VideoEncoderImpl for VsockEnc {
         let window = state.client.window();
         self.update_latency(state, window);
         drop(guard);
-        self.wait_outstanding(window, settings.reply_timeout());
         *self.shared.flow.lock().unwrap()
     }
 
@@ -516,6 +537,56 @@ impl VsockEnc {
                 }
             }
         }
+    }
+
+    /// Waits up to `room` for the window to have room for one more frame
+    /// (the caller holds the stream lock once and no frame). `false` when it
+    /// has none: the frame is dropped. A window that stays full past the
+    /// reply timeout means the host is gone: the connection is killed (and
+    /// replaced at the next frame), which makes room.
+    fn wait_for_room(&self, room: Duration, reply_timeout: Duration) -> bool {
+        let (window, waiter) = match self.state.lock().unwrap().as_ref() {
+            Some(s) => {
+                s.client.expire();
+                (s.client.window(), s.client.waiter())
+            }
+            None => return true, // handle_frame reports it
+        };
+        let Some(waiter) = waiter else { return true };
+        let waited = {
+            let obj = self.obj();
+            let _unlocked = StreamUnlocked::new(obj.upcast_ref());
+            waiter.wait_below(window, room)
+        };
+        match waited {
+            Ok(()) | Err(WaitError::Dead(_)) => true,
+            Err(WaitError::Timeout) if room >= reply_timeout => {
+                if let Some(s) = self.state.lock().unwrap().as_ref() {
+                    s.client.kill(&format!("no answer within {} ms", reply_timeout.as_millis()));
+                }
+                true
+            }
+            Err(WaitError::Timeout) => false,
+        }
+    }
+
+    /// Whether upstream is live, asked once per format with a latency query.
+    fn upstream_is_live(&self) -> bool {
+        if let Some(live) = self.state.lock().unwrap().as_ref().and_then(|s| s.live) {
+            return live;
+        }
+        let mut q = gst::query::Latency::new();
+        let live = self.obj().sink_pad().peer_query(&mut q) && q.result().0;
+        if let Some(s) = self.state.lock().unwrap().as_mut() {
+            s.live = Some(live);
+        }
+        live
+    }
+
+    /// One frame's time at the negotiated rate (33 ms when unknown).
+    fn frame_time(&self) -> Duration {
+        let per_frame = self.state.lock().unwrap().as_ref().and_then(|s| s.info.as_ref().and_then(frame_duration));
+        Duration::from_nanos(per_frame.map_or(33_333_333, |t| t.nseconds()))
     }
 
     /// Sends CONFIG_REQ for the negotiated format (hosts that speak our
