@@ -3,15 +3,20 @@
 //! Captures a desktop (PipeWire, X11 or a test pattern), encodes it with the
 //! encoder the guest's GPU calls for (vsockenc on virtio-gpu, so the host
 //! encodes; NVENC or VA-API on real GPUs; x264 as the last resort), and
-//! streams the access units over WebSocket to an embedded WebCodecs page.
+//! streams the access units over WebSocket to an embedded WebCodecs page,
+//! and in Helix's desktop stream protocol to Helix's own client (`/ws/stream`).
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
+pub mod h264_level;
+pub mod helix;
+pub mod helix_ws;
 pub mod hub;
 pub mod pipeline;
+/// The `hxfr stream` client: watches a bridge as a viewer would and reports what arrives.
+pub mod probe;
 pub mod select;
 mod server;
-pub mod viewer;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -51,8 +56,8 @@ impl Default for BridgeConfig {
             height: 720,
             fps: 30,
             encoder: "auto".into(),
-            host_encoder: "tcp:10.0.2.2:15937".into(),
-            bitrate: 4_000_000,
+            host_encoder: format!("tcp:10.0.2.2:{}", hxfr_proto::defaults::TCP_PORT),
+            bitrate: hxfr_proto::defaults::BITRATE,
             listen: "127.0.0.1:8080".parse().expect("valid address"),
             token: None,
             allow_lan_without_auth: false,
@@ -66,6 +71,8 @@ pub struct Bridge {
     pub addr: SocketAddr,
     pub choice: Choice,
     pub hub: Arc<hub::Hub>,
+    /// What `/ws/stream` has seen.
+    pub helix: Arc<helix_ws::Counters>,
     pipeline: gst::Pipeline,
     server: tokio::task::JoinHandle<()>,
     token: Option<String>,
@@ -110,6 +117,7 @@ impl Bridge {
         let listener =
             tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
+        let helix = Arc::new(helix_ws::Counters::default());
         let state = Arc::new(server::AppState {
             hub: hub.clone(),
             token: cfg.token.clone(),
@@ -121,6 +129,13 @@ impl Bridge {
                 "height": cfg.height,
                 "fps": cfg.fps,
             }),
+            helix: helix_ws::Endpoint {
+                width: cfg.width,
+                height: cfg.height,
+                fps: cfg.fps,
+                limits: h264_level::Limits { fps: cfg.fps, bitrate_bps: cfg.bitrate },
+                counters: helix.clone(),
+            },
         });
         let app = server::router(state);
         let server = tokio::spawn(async move {
@@ -128,13 +143,22 @@ impl Bridge {
                 warn!("web server stopped: {e}");
             }
         });
-        Ok(Bridge { addr, choice, hub, pipeline, server, token: cfg.token })
+        Ok(Bridge { addr, choice, hub, helix, pipeline, server, token: cfg.token })
     }
 
     /// The page's address (with the token when one is needed).
     pub fn url(&self) -> String {
+        self.address("http", "/")
+    }
+
+    /// Where Helix's client connects: `/ws/stream` (with the token when one is needed).
+    pub fn helix_url(&self) -> String {
+        self.address("ws", "/ws/stream")
+    }
+
+    fn address(&self, scheme: &str, path: &str) -> String {
         let host = if self.addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { self.addr.ip().to_string() };
-        let base = format!("http://{host}:{}/", self.addr.port());
+        let base = format!("{scheme}://{host}:{}{path}", self.addr.port());
         match &self.token {
             Some(t) => format!("{base}?token={t}"),
             None => base,

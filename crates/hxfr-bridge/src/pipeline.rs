@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
 use gst::prelude::*;
+use hxfr_guest::HostAddr;
 
 use crate::hub::{Hub, Unit};
 use crate::select::Choice;
@@ -117,7 +118,14 @@ fn encoder(cfg: &PipelineConfig) -> Result<(gst::Element, Option<&'static str>)>
     let gop = (cfg.fps * 10).to_string();
     let format = match name {
         "vsockenc" => {
-            set("host", &cfg.host_encoder);
+            let addr: HostAddr =
+                cfg.host_encoder.parse().map_err(|e: hxfr_proto::AddrError| anyhow!("--host-encoder {e}"))?;
+            for (prop, value) in vsockenc_address(&addr, enc.find_property("host").is_some())? {
+                if enc.find_property(prop).is_none() {
+                    bail!("the installed vsockenc has no {prop:?} property, so it cannot reach {addr}");
+                }
+                enc.set_property_from_str(prop, &value);
+            }
             set("bitrate", &cfg.bitrate.to_string());
             set("keyframe-interval", &gop);
             // The host converts colour with SIMD; the guest spends nothing on it.
@@ -147,6 +155,24 @@ fn encoder(cfg: &PipelineConfig) -> Result<(gst::Element, Option<&'static str>)>
         _ => None,
     };
     Ok((enc, format))
+}
+
+/// The vsockenc properties that name `addr`. Helix's C element has only
+/// `socket-path`, `tcp-host`/`tcp-port` and `cid`/`port` (and ignores a
+/// `host` it does not know, then connects to vsock 2:5000), so those carry
+/// every address they can; `host` (hxfr's element only) is used for what
+/// only it reaches, a virtio-serial port.
+pub fn vsockenc_address(addr: &HostAddr, has_host: bool) -> Result<Vec<(&'static str, String)>> {
+    Ok(match addr {
+        HostAddr::Tcp(h, p) => vec![("tcp-host", h.clone()), ("tcp-port", p.to_string())],
+        HostAddr::Unix(path) => vec![("socket-path", path.display().to_string())],
+        HostAddr::Vsock(cid, port) => vec![("cid", cid.to_string()), ("port", port.to_string())],
+        HostAddr::Serial(_) if has_host => vec![("host", addr.to_string())],
+        HostAddr::Serial(_) => bail!(
+            "{addr}: the installed vsockenc has no `host` property (Helix's C element?), and only hxfr's \
+             vsockenc reaches a virtio-serial port; use hxfr's libgstvsockenc.so, or a tcp:, unix: or vsock: address"
+        ),
+    })
 }
 
 /// Wall-clock capture times by buffer PTS, for the latency a viewer sees.
@@ -270,4 +296,55 @@ pub fn build(cfg: &PipelineConfig, hub: Arc<Hub>) -> Result<gst::Pipeline> {
             .build(),
     );
     Ok(pipeline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vsockenc_is_addressed_through_the_properties_helix_s_element_shares() {
+        let props = |a: &str, has_host| vsockenc_address(&a.parse().unwrap(), has_host);
+        let own = |v: &[(&'static str, &str)]| v.iter().map(|(p, s)| (*p, s.to_string())).collect::<Vec<_>>();
+        for has_host in [true, false] {
+            assert_eq!(
+                props("tcp:10.0.2.2:15937", has_host).unwrap(),
+                own(&[("tcp-host", "10.0.2.2"), ("tcp-port", "15937")])
+            );
+            assert_eq!(props("unix:/run/hxfr.sock", has_host).unwrap(), own(&[("socket-path", "/run/hxfr.sock")]));
+            assert_eq!(props("vsock:2:5000", has_host).unwrap(), own(&[("cid", "2"), ("port", "5000")]));
+        }
+        let serial = "serial:/dev/virtio-ports/com.helix.frame-export";
+        assert_eq!(props(serial, true).unwrap(), own(&[("host", serial)]));
+        let e = props(serial, false).unwrap_err().to_string();
+        assert!(e.contains("no `host` property") && e.contains("virtio-serial"), "{e}");
+    }
+
+    #[test]
+    fn the_bridge_sets_those_properties_on_the_element_and_leaves_host_unset() {
+        gst::init().unwrap();
+        gstvsockenc::plugin_register_static().unwrap();
+        let cfg = |host: &str| PipelineConfig {
+            source: Source::Test,
+            width: 320,
+            height: 240,
+            fps: 30,
+            encoder: Choice { element: "vsockenc".into(), reason: "test".into() },
+            host_encoder: host.into(),
+            bitrate: 1_000_000,
+        };
+        let (enc, format) = encoder(&cfg("tcp:10.0.2.2:15937")).unwrap();
+        assert_eq!(format, Some("BGRx"));
+        assert_eq!(enc.property::<Option<String>>("tcp-host").as_deref(), Some("10.0.2.2"));
+        assert_eq!(enc.property::<u32>("tcp-port"), 15937);
+        assert_eq!(enc.property::<Option<String>>("host"), None);
+        let (enc, _) = encoder(&cfg("vsock:3:5001")).unwrap();
+        assert_eq!((enc.property::<u32>("cid"), enc.property::<u32>("port")), (3, 5001));
+        assert_eq!(enc.property::<Option<String>>("host"), None);
+        let (enc, _) = encoder(&cfg("unix:/tmp/h.sock")).unwrap();
+        assert_eq!(enc.property::<Option<String>>("socket-path").as_deref(), Some("/tmp/h.sock"));
+        let (enc, _) = encoder(&cfg("serial:/dev/vport0p1")).unwrap();
+        assert_eq!(enc.property::<Option<String>>("host").as_deref(), Some("serial:/dev/vport0p1"));
+        assert!(encoder(&cfg("carrier-pigeon:1")).is_err());
+    }
 }

@@ -1,4 +1,5 @@
-//! One HTTP port: the page at `/`, the stream at `/stream` (WebSocket).
+//! One HTTP port: the page at `/`, the stream at `/stream` (WebSocket), and
+//! the same stream in Helix's protocol at `/ws/stream` (`helix_ws.rs`).
 //!
 //! Control channel, JSON text messages on the stream's socket:
 //! - bridge → viewer `{"type":"hello","encoder","reason","width","height","fps"}` once,
@@ -29,11 +30,12 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub token: Option<String>,
     pub hello: serde_json::Value,
+    pub helix: crate::helix_ws::Endpoint,
 }
 
-type Params = Query<HashMap<String, String>>;
+pub(crate) type Params = Query<HashMap<String, String>>;
 
-fn authorised(st: &AppState, q: &HashMap<String, String>) -> bool {
+pub(crate) fn authorised(st: &AppState, q: &HashMap<String, String>) -> bool {
     match &st.token {
         None => true,
         Some(t) => q.get("token").is_some_and(|given| constant_time_eq(given.as_bytes(), t.as_bytes())),
@@ -44,12 +46,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn refused() -> Response {
+pub(crate) fn refused() -> Response {
     (StatusCode::UNAUTHORIZED, "This bridge needs ?token=… in the URL (see the bridge's log line).\n").into_response()
 }
 
 pub fn router(state: Arc<AppState>) -> axum::Router {
-    axum::Router::new().route("/", get(page)).route("/stream", get(stream)).with_state(state)
+    axum::Router::new()
+        .route("/", get(page))
+        .route("/stream", get(stream))
+        .route("/ws/stream", get(crate::helix_ws::stream))
+        .with_state(state)
 }
 
 async fn page(State(st): State<Arc<AppState>>, Query(q): Params) -> Response {

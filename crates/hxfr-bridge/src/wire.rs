@@ -81,28 +81,7 @@ impl Header {
 
 /// The NAL units of an Annex-B access unit (without start codes).
 pub fn nal_units(au: &[u8]) -> Vec<&[u8]> {
-    let mut starts = Vec::new();
-    let mut i = 0;
-    while i + 3 <= au.len() {
-        if au[i] == 0 && au[i + 1] == 0 && au[i + 2] == 1 {
-            starts.push(i + 3);
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    starts
-        .iter()
-        .enumerate()
-        .map(|(k, &s)| {
-            let mut end = starts.get(k + 1).map_or(au.len(), |&n| n - 3);
-            // A 4-byte start code leaves a zero behind the previous NAL.
-            while end > s && au[end - 1] == 0 && k + 1 < starts.len() {
-                end -= 1;
-            }
-            &au[s..end]
-        })
-        .collect()
+    hxfr_proto::annexb::nal_units(au).into_iter().map(|n| n.data).collect()
 }
 
 /// The WebCodecs codec string ("avc1.PPCCLL") from an access unit's SPS.

@@ -3,10 +3,12 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use hxfr_bridge::viewer::{Report, watch};
+use futures::{SinkExt, StreamExt};
+use hxfr_bridge::probe::{Protocol, Report, watch, watch_as};
 use hxfr_bridge::{Bridge, BridgeConfig};
 use hxfr_encode::EncoderKind;
 use hxfr_host::{HostConfig, HostHandle, ListenAddr};
+use tokio_tungstenite::tungstenite::Message;
 
 struct Setup {
     _host: HostHandle,
@@ -130,6 +132,19 @@ async fn the_token_is_checked_on_the_page_and_the_stream() {
     let r = watch(&s.bridge.url(), Duration::from_secs(2), |_| {}).await.unwrap();
     assert!(s.bridge.url().contains("token=s3cret"));
     assert_sound(&r, 320, 240);
+    // The same rule on Helix's endpoint, and `hxfr stream` reads it.
+    assert!(
+        watch_as(&bare, Protocol::Helix, Duration::from_secs(1), |_| {}).await.is_err(),
+        "/ws/stream refuses a viewer without the token"
+    );
+    let helix = s.bridge.helix_url();
+    assert!(helix.ends_with("/ws/stream?token=s3cret"), "{helix}");
+    let r = watch(&helix, Duration::from_secs(3), |_| {}).await.unwrap();
+    assert_sound(&r, 320, 240);
+    assert_eq!(r.protocol, "helix");
+    assert!(r.frames >= 60, "{r:#?}");
+    let lat = r.latency_ms_p50.expect("estimated from Pongs");
+    assert!(lat > 0.0 && lat < 500.0, "{lat}");
     s.bridge.stop();
 }
 
@@ -144,6 +159,20 @@ async fn listening_beyond_loopback_needs_a_token_or_an_explicit_opt_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_decodes_and_paints_in_headless_chromium() {
     let s = setup(vsockenc(1280, 720)).await;
+    let url = s.bridge.url();
+    let result = with_chromium(|client| drive_page(client, url)).await;
+    s.bridge.stop();
+    let stats = result.unwrap();
+    println!("page stats: {stats}");
+}
+
+/// Runs `f` against a fresh headless Chromium, then ends the browser and
+/// the chromedriver this started (by its handle).
+async fn with_chromium<T, F, Fut>(f: F) -> Result<T, String>
+where
+    F: FnOnce(fantoccini::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -154,51 +183,70 @@ async fn the_page_decodes_and_paints_in_headless_chromium() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("chromedriver (Debian package chromium-driver) must be installed");
-    let result = drive_chromium(port, &s.bridge.url()).await;
-    let _ = driver.kill(); // the process we started, by its handle
+    let profile = tempfile::tempdir().unwrap();
+    let result = async {
+        let client = chromium_session(port, profile.path()).await?;
+        let r = f(client.clone()).await;
+        let _ = client.close().await;
+        r
+    }
+    .await;
+    let _ = driver.kill();
     let _ = driver.wait();
-    s.bridge.stop();
-    let stats = result.unwrap();
-    println!("page stats: {stats}");
+    result
 }
 
-async fn drive_chromium(port: u16, url: &str) -> Result<serde_json::Value, String> {
-    let profile = tempfile::tempdir().unwrap();
+async fn chromium_session(port: u16, profile: &std::path::Path) -> Result<fantoccini::Client, String> {
     let caps: serde_json::Map<String, serde_json::Value> = serde_json::from_value(serde_json::json!({
         "goog:chromeOptions": {
             "binary": "/usr/bin/chromium",
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
                      "--no-first-run", "--disable-quic", "--window-size=1280,760",
-                     format!("--user-data-dir={}", profile.path().display())]
+                     format!("--user-data-dir={}", profile.display())]
         }
     }))
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
-    let client = loop {
+    loop {
         match fantoccini::ClientBuilder::native()
             .capabilities(caps.clone())
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
         {
-            Ok(c) => break c,
+            Ok(c) => return Ok(c),
             Err(e) if Instant::now() > deadline => return Err(format!("chromedriver: {e}")),
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
-    };
-    client.goto(url).await.map_err(|e| e.to_string())?;
+    }
+}
+
+/// Polls `expr` in the page until `done` holds for its value (or 40 s pass).
+async fn poll_page(
+    client: &fantoccini::Client,
+    expr: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, String> {
     let deadline = Instant::now() + Duration::from_secs(40);
-    let stats = loop {
-        let v = client.execute("return window.hxfrStats || null", vec![]).await.map_err(|e| e.to_string())?;
-        if v["decoded"].as_u64().unwrap_or(0) >= 60 && v["latency_p50_ms"].is_number() {
-            break v;
+    loop {
+        let v = client.execute(&format!("return {expr}"), vec![]).await.map_err(|e| e.to_string())?;
+        if done(&v) {
+            return Ok(v);
         }
         if Instant::now() > deadline {
             let text = client.execute("return document.body.innerText", vec![]).await.ok();
-            return Err(format!("page did not reach 60 decoded frames: {v} / {text:?}"));
+            return Err(format!("the page did not get there: {v} / {text:?}"));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    }
+}
+
+async fn drive_page(client: fantoccini::Client, url: String) -> Result<serde_json::Value, String> {
+    client.goto(&url).await.map_err(|e| e.to_string())?;
+    let stats = poll_page(&client, "window.hxfrStats || null", |v| {
+        v["decoded"].as_u64().unwrap_or(0) >= 60 && v["latency_p50_ms"].is_number()
+    })
+    .await?;
     // Not blank: the canvas has many distinct colours.
     let colours = client
         .execute(
@@ -214,7 +262,6 @@ async fn drive_chromium(port: u16, url: &str) -> Result<serde_json::Value, Strin
     let png = client.screenshot().await.map_err(|e| e.to_string())?;
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("page.png");
     std::fs::write(&shot, &png).map_err(|e| e.to_string())?;
-    let _ = client.close().await;
     if colours.as_u64().unwrap_or(0) < 8 {
         return Err(format!("the canvas looks blank ({colours} colours)"));
     }
@@ -225,4 +272,365 @@ async fn drive_chromium(port: u16, url: &str) -> Result<serde_json::Value, Strin
         return Err("screenshot is suspiciously small".into());
     }
     Ok(stats)
+}
+
+// ---------------------------------------------------------------------------
+// Helix's desktop stream protocol on /ws/stream. The client below is written
+// from the protocol's facts (big-endian, one WebSocket message each), not
+// from the bridge's own helix module, so that it checks the bytes.
+// ---------------------------------------------------------------------------
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const INIT: &str = r#"{"type":"init","host_id":0,"app_id":0,"session_id":"t","width":1920,"height":1080,"fps":60,"bitrate":20000,"packet_size":1024,"play_audio_local":false,"video_supported_formats":1}"#;
+
+/// Next message within 10 s (Helix's client's stale timeout).
+async fn next(ws: &mut Ws) -> Message {
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("no message within 10 s: {other:?}"),
+    }
+}
+
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+fn be32(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes(b[i..i + 4].try_into().unwrap())
+}
+fn be64(b: &[u8], i: usize) -> u64 {
+    u64::from_be_bytes(b[i..i + 8].try_into().unwrap())
+}
+
+/// Connects, sends init, checks StreamInit (13 bytes) and ConnectionComplete.
+async fn helix_connect(url: &str, width: u16, height: u16) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::Text(INIT.into())).await.unwrap();
+    let Message::Binary(init) = next(&mut ws).await else { panic!("StreamInit must come first, as binary") };
+    assert_eq!(init.len(), 13, "StreamInit is 13 bytes: {init:02x?}");
+    assert_eq!((init[0], init[1]), (0x30, 0x01), "StreamInit, H.264");
+    assert_eq!((be16(&init, 2), be16(&init, 4), init[6]), (width, height, 30));
+    assert_eq!((init[7], be32(&init, 8), init[12]), (0, 0, 0), "no audio, no touch");
+    let Message::Text(cc) = next(&mut ws).await else { panic!("ConnectionComplete must follow, as text") };
+    let cc: serde_json::Value = serde_json::from_str(&cc).unwrap();
+    assert_eq!(cc["ConnectionComplete"]["capabilities"]["touch"], false);
+    assert_eq!(cc["ConnectionComplete"]["width"], width);
+    assert_eq!(cc["ConnectionComplete"]["height"], height);
+    ws
+}
+
+struct Video {
+    key: bool,
+    pts: u64,
+    width: u16,
+    height: u16,
+    au: bytes::Bytes,
+}
+
+fn video(msg: &Message) -> Option<Video> {
+    let Message::Binary(b) = msg else { return None };
+    if b.first() != Some(&0x01) {
+        return None;
+    }
+    assert!(b.len() > 15, "VideoFrame: 15-byte header and an access unit");
+    assert_eq!(b[1], 0x01, "codec H.264");
+    assert_eq!(b[2] & !0x03, 0, "flags: bit 0 keyframe, bit 1 replayed");
+    Some(Video { key: b[2] & 1 != 0, pts: be64(b, 3), width: be16(b, 11), height: be16(b, 13), au: b.slice(15..) })
+}
+
+async fn next_video(ws: &mut Ws) -> Video {
+    loop {
+        if let Some(v) = video(&next(ws).await) {
+            return v;
+        }
+    }
+}
+
+fn ping(seq: u32, t: u64) -> Message {
+    let mut m = vec![0x40];
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(&t.to_be_bytes());
+    Message::Binary(m.into())
+}
+
+/// Reads until the Pong for `seq`, checking its 29 bytes; returns the video frames passed on the way.
+async fn pong(ws: &mut Ws, seq: u32, t: u64) -> usize {
+    let mut frames = 0;
+    loop {
+        let m = next(ws).await;
+        if video(&m).is_some() {
+            frames += 1;
+            continue;
+        }
+        if let Message::Binary(b) = &m
+            && b[0] == 0x41
+        {
+            assert_eq!(b.len(), 29, "Pong is 29 bytes: {b:02x?}");
+            assert_eq!((be32(b, 1), be64(b, 5)), (seq, t), "seq and client time echoed");
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+            assert!(be64(b, 13).abs_diff(now) < 5_000_000, "server time in µs since the epoch");
+            assert!(be16(b, 21) < 5000, "encoder latency {} ms", be16(b, 21));
+            return frames;
+        }
+    }
+}
+
+fn sps_triple(au: &[u8]) -> Option<[u8; 3]> {
+    hxfr_bridge::wire::nal_units(au).into_iter().find(|n| n.len() > 4 && n[0] & 0x1f == 7).map(|n| [n[1], n[2], n[3]])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helix_client_gets_stream_init_and_60_decodable_frames_at_1080p_as_avc1_42d028() {
+    let s = setup(vsockenc(1920, 1080)).await;
+    let mut ws = helix_connect(&s.bridge.helix_url(), 1920, 1080).await;
+    let mut frames = Vec::new();
+    while frames.len() < 60 {
+        frames.push(next_video(&mut ws).await);
+    }
+    let first = &frames[0];
+    let types = hxfr_testkit::nal_types(&first.au);
+    assert!(first.key && types.contains(&7) && types.contains(&8) && types.contains(&5), "first: {types:?}");
+    // Decodable as avc1.42d028: Baseline, constraint_set1 (Constrained Baseline), level ≤ 4.0.
+    let [profile, flags, level] = sps_triple(&first.au).unwrap();
+    assert_eq!(profile, 0x42);
+    assert!(flags & 0x40 != 0, "constraint_set1: {flags:#04x}");
+    assert!(level <= 40, "level_idc {level}");
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!((f.width, f.height), (1920, 1080));
+        assert_eq!(f.key, hxfr_testkit::nal_types(&f.au).contains(&5), "frame {i}: keyframe flag = IDR");
+        if i > 0 {
+            assert!(f.pts > frames[i - 1].pts, "frame {i}: pts in µs, increasing");
+        }
+    }
+    let aus: Vec<bytes::Bytes> = frames.iter().map(|f| f.au.clone()).collect();
+    let pictures = tokio::task::spawn_blocking(move || hxfr_testkit::decode_h264(&aus, hxfr_testkit::Output::Bgrx))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pictures.len(), 60);
+    assert!(pictures.iter().all(|p| (p.width, p.height) == (1920, 1080)));
+    let c = &s.bridge.helix;
+    assert_eq!(c.connections.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(c.sps_unfit.load(std::sync::atomic::Ordering::Relaxed), 0);
+    s.bridge.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helix_pings_input_and_malformed_messages_leave_the_bridge_serving() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = setup(vsockenc(640, 360)).await;
+    let url = s.bridge.helix_url();
+    let mut ws = helix_connect(&url, 640, 360).await;
+    assert!(next_video(&mut ws).await.key, "the first frame is a keyframe");
+    ws.send(ping(7, 123_456_789)).await.unwrap();
+    pong(&mut ws, 7, 123_456_789).await;
+
+    let f32s = |a: f32, b: f32| [a.to_le_bytes(), b.to_le_bytes()].concat();
+    let good: Vec<Vec<u8>> = vec![
+        vec![0x10, 0, 1, 0, 0x00, 0x41],                          // key A down
+        vec![0x11, 2, 1, 1],                                      // left button down
+        vec![0x11, 4, 0xff, 1],                                   // wheel
+        vec![0x11, 3, 0, 0, 0xff, 0x88],                          // high-res wheel, i16
+        [&[0x11, 3][..], &f32s(0.5, -1.5)].concat(),              // high-res wheel, f32
+        vec![0x12, 1, 0, 100, 0, 50, 0x02, 0x80, 0x01, 0x68],     // absolute (100, 50) in 640x360
+        vec![0x13, 0, 0, 5, 0xff, 0xfb],                          // relative (5, -5)
+        [&[0x14, 0, 3][..], &f32s(0.5, 0.25)].concat(),           // touch down
+        [&[0x20][..], br#"{"set_video_enabled":true}"#].concat(), // control
+        vec![0x15, 1, 2, 3],                                      // controller: not served
+    ];
+    let bad: Vec<Message> = vec![
+        Message::Binary(Vec::<u8>::new().into()),
+        Message::Binary(vec![0x99].into()),
+        Message::Binary(vec![0x10, 0].into()),
+        Message::Binary(vec![0x12, 9, 0, 1, 0, 1, 0, 2, 0, 2].into()),
+        Message::Binary([&[0x14, 0, 0][..], &f32s(f32::NAN, 0.5)].concat().into()),
+        Message::Binary([vec![0x20], vec![b' '; 8 * 1024]].concat().into()),
+        Message::Binary(b"\x20{nope".to_vec().into()),
+        Message::Binary(vec![0x40, 1, 2].into()),
+        Message::Text("hello".into()),
+    ];
+    for m in good {
+        ws.send(Message::Binary(m.into())).await.unwrap();
+    }
+    for m in bad {
+        ws.send(m).await.unwrap();
+    }
+    ws.send(ping(8, 42)).await.unwrap();
+    pong(&mut ws, 8, 42).await;
+    let c = &s.bridge.helix;
+    assert_eq!(c.inputs(), [1, 4, 1, 1, 1], "keyboard, mouse button/wheel, absolute, relative, touch");
+    assert_eq!(c.controls.load(Relaxed), 1);
+    assert_eq!(c.unsupported.load(Relaxed), 1);
+    assert_eq!(c.rejected.load(Relaxed), 9);
+    assert_eq!(c.pings.load(Relaxed), 2);
+    // Still streaming.
+    next_video(&mut ws).await;
+
+    // A message over the socket's limit ends that connection only.
+    let (mut huge, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    huge.send(Message::Text(INIT.into())).await.unwrap();
+    let _ = huge.send(Message::Binary(vec![0x20; 1 << 20].into())).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(m)) = huge.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the bridge closes a connection that sends 1 MiB");
+    for _ in 0..10 {
+        next_video(&mut ws).await;
+    }
+    // Binary before init is ignored: StreamInit is still the first answer.
+    let (mut early, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    early.send(ping(1, 1)).await.unwrap();
+    early.send(Message::Binary(vec![0x99].into())).await.unwrap();
+    early.send(Message::Text(INIT.into())).await.unwrap();
+    let Message::Binary(b) = next(&mut early).await else { panic!("StreamInit first") };
+    assert_eq!((b[0], b.len()), (0x30, 13));
+    assert_eq!(c.rejected.load(Relaxed), 9, "ignored before init, not refused");
+    s.bridge.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helix_video_off_keeps_heartbeats_coming_and_video_on_restarts_at_a_keyframe() {
+    let s = setup(vsockenc(640, 360)).await;
+    let mut ws = helix_connect(&s.bridge.helix_url(), 640, 360).await;
+    next_video(&mut ws).await;
+    let off = [&[0x20][..], br#"{"set_video_enabled":false}"#].concat();
+    ws.send(Message::Binary(off.into())).await.unwrap();
+    ws.send(ping(1, 1)).await.unwrap();
+    pong(&mut ws, 1, 1).await;
+    // Now a still screen as far as this viewer is concerned: something must
+    // still come at least every 5 s, and no video.
+    let (start, mut last, mut heartbeats) = (Instant::now(), Instant::now(), 0);
+    while start.elapsed() < Duration::from_secs(7) {
+        let Ok(m) =
+            tokio::time::timeout(Duration::from_secs(5) - last.elapsed().min(Duration::from_secs(5)), ws.next()).await
+        else {
+            panic!("nothing for 5 s after {heartbeats} heartbeats");
+        };
+        let m = m.unwrap().unwrap();
+        assert!(video(&m).is_none(), "no video while it is off");
+        if let Message::Text(t) = &m {
+            let v: serde_json::Value = serde_json::from_str(t).unwrap();
+            assert!(v.get("ConnectionComplete").is_none());
+            heartbeats += 1;
+        }
+        last = Instant::now();
+    }
+    assert!(heartbeats >= 2, "{heartbeats} heartbeats in 7 s");
+    let on = [&[0x20][..], br#"{"set_video_enabled":true}"#].concat();
+    ws.send(Message::Binary(on.into())).await.unwrap();
+    let v = next_video(&mut ws).await;
+    assert!(v.key && hxfr_testkit::nal_types(&v.au).contains(&7), "video comes back at a keyframe with its SPS");
+    assert!(s.bridge.helix.heartbeats.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    s.bridge.stop();
+}
+
+/// A page written from the protocol's facts, as Helix's browser client does it:
+/// WebCodecs with the fixed codec string avc1.42d028, the 15-byte header.
+const HELIX_PAGE: &str = r#"<!doctype html><html><body><canvas id="c" width="320" height="180"></canvas><script>
+"use strict";
+const stats = window.helixStats = { streamInit: null, complete: null, supported: null, received: 0, keyframes: 0,
+                                    decoded: 0, errors: [], pong: null, closed: false };
+const ctx = document.getElementById("c").getContext("2d");
+const ws = new WebSocket(new URLSearchParams(location.search).get("ws"));
+ws.binaryType = "arraybuffer";
+let decoder = null, gotKey = false;
+ws.onopen = () => ws.send(JSON.stringify({ type: "init", host_id: 0, app_id: 0, session_id: "page", width: 1920,
+  height: 1080, fps: 30, bitrate: 10000, packet_size: 1024, play_audio_local: false, video_supported_formats: 1 }));
+ws.onclose = () => { stats.closed = true; };
+ws.onmessage = (e) => {
+  if (typeof e.data === "string") {
+    const m = JSON.parse(e.data);
+    if (m.ConnectionComplete) {
+      stats.complete = m.ConnectionComplete;
+      const p = new DataView(new ArrayBuffer(13));
+      p.setUint8(0, 0x40); p.setUint32(1, 77); p.setBigUint64(5, 123456n);
+      ws.send(p.buffer);
+    }
+    return;
+  }
+  const d = new Uint8Array(e.data), v = new DataView(e.data);
+  if (d[0] === 0x30) {
+    stats.streamInit = { length: d.length, codec: d[1], width: v.getUint16(2), height: v.getUint16(4), fps: d[6] };
+    const config = { codec: "avc1.42d028", codedWidth: v.getUint16(2), codedHeight: v.getUint16(4), optimizeForLatency: true };
+    VideoDecoder.isConfigSupported(config).then((s) => { stats.supported = s.supported; });
+    decoder = new VideoDecoder({
+      output: (f) => { ctx.drawImage(f, 0, 0, 320, 180); f.close(); stats.decoded++; },
+      error: (err) => { stats.errors.push(String(err)); },
+    });
+    decoder.configure(config);
+  } else if (d[0] === 0x01) {
+    if (!decoder) { stats.errors.push("VideoFrame before StreamInit"); return; }
+    const key = (d[2] & 1) === 1;
+    stats.received++;
+    if (key) stats.keyframes++;
+    if (!gotKey && !key) return;
+    gotKey = true;
+    try {
+      decoder.decode(new EncodedVideoChunk({ type: key ? "key" : "delta", timestamp: Number(v.getBigUint64(3)), data: d.subarray(15) }));
+    } catch (err) { stats.errors.push(String(err)); }
+  } else if (d[0] === 0x41) {
+    stats.pong = { length: d.length, seq: v.getUint32(1), echo: Number(v.getBigUint64(5)) };
+  }
+};
+</script></body></html>"#;
+
+/// Serves `page` to every request on a loopback port (a secure context, as WebCodecs needs).
+async fn serve_page(page: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(n) if n > 0 && req.len() < 64 * 1024 => req.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    page.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(page.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helix_style_page_decodes_the_ws_stream_as_avc1_42d028_in_headless_chromium() {
+    let s = setup(vsockenc(1920, 1080)).await;
+    let page = serve_page(HELIX_PAGE).await;
+    let url = format!("http://{page}/?ws={}", s.bridge.helix_url());
+    let result = with_chromium(|client| async move {
+        client.goto(&url).await.map_err(|e| e.to_string())?;
+        poll_page(&client, "window.helixStats", |v| {
+            v["decoded"].as_u64().unwrap_or(0) >= 60 || !v["errors"].as_array().is_none_or(|e| e.is_empty())
+        })
+        .await
+    })
+    .await;
+    s.bridge.stop();
+    let stats = result.unwrap();
+    println!("helix page stats: {stats}");
+    assert_eq!(stats["errors"], serde_json::json!([]), "{stats}");
+    assert!(stats["decoded"].as_u64().unwrap() >= 60, "{stats}");
+    assert_eq!(stats["supported"], true, "Chromium supports avc1.42d028 at 1920x1080");
+    assert_eq!(
+        stats["streamInit"],
+        serde_json::json!({"length": 13, "codec": 1, "width": 1920, "height": 1080, "fps": 30})
+    );
+    assert_eq!(stats["complete"]["width"], 1920);
+    assert_eq!(stats["pong"], serde_json::json!({"length": 29, "seq": 77, "echo": 123456}));
+    assert!(stats["keyframes"].as_u64().unwrap() >= 1);
 }

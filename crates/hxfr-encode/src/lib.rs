@@ -57,7 +57,7 @@ impl EncoderConfig {
             height,
             fps_num: 30,
             fps_den: 1,
-            bitrate: 4_000_000,
+            bitrate: hxfr_proto::defaults::BITRATE,
             profile: 0,
             preset: "ultrafast".into(),
             threads: 0,

@@ -126,7 +126,13 @@ pub(crate) fn spawn(p: SessionParts) -> std::io::Result<SessionHandle> {
         closed: closed.clone(),
         encoder: None,
         idle: p.idle,
-        rate: Rate { bitrate: 4_000_000, fps_num: 30, fps_den: 1, profile: 0, explicit: false },
+        rate: Rate {
+            bitrate: hxfr_proto::defaults::BITRATE,
+            fps_num: hxfr_proto::defaults::FPS,
+            fps_den: 1,
+            profile: 0,
+            explicit: false,
+        },
         force_next: true,
         errors_in_row: 0,
     };

@@ -1,7 +1,8 @@
 //! Per-session counters and encode-time percentiles.
 
-use std::collections::VecDeque;
 use std::fmt;
+
+use hxfr_metrics::Window;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,7 @@ pub struct SessionStats {
     pub info: SessionInfo,
     pub started: Instant,
     pub ended: Option<Instant>,
-    encode_ms: VecDeque<f32>,
+    encode_ms: Window,
     /// (when, frames) at the last report, for the interval fps.
     last_report: (Instant, u64),
 }
@@ -44,7 +45,7 @@ impl SessionStats {
             info: SessionInfo { conn_id, session_id, peer, ..Default::default() },
             started: now,
             ended: None,
-            encode_ms: VecDeque::with_capacity(SAMPLES),
+            encode_ms: Window::new(SAMPLES),
             last_report: (now, 0),
         }
     }
@@ -55,23 +56,18 @@ impl SessionStats {
         i.keyframes += keyframe as u64;
         i.bytes_in += bytes_in as u64;
         i.bytes_out += bytes_out as u64;
-        if self.encode_ms.len() == SAMPLES {
-            self.encode_ms.pop_front();
-        }
-        self.encode_ms.push_back(took.as_secs_f32() * 1000.0);
+        self.encode_ms.push(took.as_secs_f64() * 1000.0);
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let mut v: Vec<f32> = self.encode_ms.iter().copied().collect();
-        v.sort_by(f32::total_cmp);
-        let pct = |p: f64| if v.is_empty() { 0.0 } else { v[((v.len() - 1) as f64 * p).round() as usize] };
+        let [p50, p99] = self.encode_ms.percentiles([0.5, 0.99]);
         let end = self.ended.unwrap_or_else(Instant::now);
         let secs = end.duration_since(self.started).as_secs_f64().max(1e-3);
         Snapshot {
             info: self.info.clone(),
             fps: self.info.frames as f64 / secs,
-            encode_p50_ms: pct(0.5),
-            encode_p99_ms: pct(0.99),
+            encode_p50_ms: p50 as _,
+            encode_p99_ms: p99 as _,
             active: self.ended.is_none(),
         }
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
+use hxfr_bridge::probe::Protocol;
 use hxfr_bridge::{Bridge, BridgeConfig, Source};
 
 #[derive(clap::Args)]
@@ -25,7 +26,7 @@ pub struct BridgeArgs {
     #[arg(long, default_value = "tcp:10.0.2.2:15937")]
     host_encoder: String,
     /// Bits per second.
-    #[arg(long, default_value_t = 4_000_000)]
+    #[arg(long, default_value_t = hxfr_proto::defaults::BITRATE)]
     bitrate: u32,
     /// Where the page and the stream are served.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -59,6 +60,7 @@ pub fn bridge(a: BridgeArgs) -> Result<()> {
         })
         .await?;
         println!("hxfr bridge: {} ({}); open {}", bridge.choice.element, bridge.choice.reason, bridge.url());
+        println!("Helix's client: {}", bridge.helix_url());
         let r = tokio::select! {
             r = bridge.wait() => r,
             _ = tokio::signal::ctrl_c() => Ok(()),
@@ -70,8 +72,13 @@ pub fn bridge(a: BridgeArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct StreamArgs {
-    /// The bridge's page URL, e.g. http://127.0.0.1:8080/ (with ?token=… if it has one).
+    /// The bridge's page URL, e.g. http://127.0.0.1:8080/ (with ?token=… if it has one),
+    /// or its Helix endpoint, ws://127.0.0.1:8080/ws/stream.
     url: String,
+    /// hxfr (`/stream`) or helix (Helix's desktop stream protocol, `/ws/stream`);
+    /// by default helix when the URL's path ends in /ws/stream.
+    #[arg(long, value_name = "hxfr|helix")]
+    protocol: Option<Protocol>,
     /// Seconds to watch.
     #[arg(long, default_value_t = 30)]
     duration: u64,
@@ -82,7 +89,8 @@ pub struct StreamArgs {
 
 pub fn stream(a: StreamArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(hxfr_bridge::viewer::watch(&a.url, Duration::from_secs(a.duration), |p| {
+    let protocol = a.protocol.unwrap_or_else(|| Protocol::detect(&a.url));
+    let report = rt.block_on(hxfr_bridge::probe::watch_as(&a.url, protocol, Duration::from_secs(a.duration), |p| {
         eprint!(
             "\r  {:4.0} s  {:6} frames  {:5.1} fps  {:6.2} Mbit/s ",
             p.elapsed.as_secs_f64(),
@@ -98,15 +106,21 @@ pub fn stream(a: StreamArgs) -> Result<()> {
     } else {
         let ms = |v: Option<f64>| v.map_or("n/a (clocks not shared)".to_string(), |v| format!("{v:.1} ms"));
         println!(
-            "stream:    {} — {}x{}, {} level {}",
-            report.url, report.width, report.height, report.profile, report.level
+            "stream:    {} ({}) — {}x{}, {} level {}",
+            report.url, report.protocol, report.width, report.height, report.profile, report.level
         );
-        println!("encoder:   {} ({})", report.encoder, report.encoder_reason);
+        if !report.encoder.is_empty() {
+            println!("encoder:   {} ({})", report.encoder, report.encoder_reason);
+        }
         println!("frames:    {} in {:.1} s, {} keyframes", report.frames, report.seconds, report.keyframes);
         println!("fps:       {:.1} average, {:.0} in the worst second", report.fps_avg, report.fps_worst_1s);
         println!("bitrate:   {:.2} Mbit/s", report.bitrate_bps / 1e6);
+        let how = match protocol {
+            Protocol::Hxfr => "captured → received",
+            Protocol::Helix => "captured → sent, from Pongs, + half the round trip",
+        };
         println!(
-            "latency:   p50 {}, p95 {}, p99 {} (captured → received)",
+            "latency:   p50 {}, p95 {}, p99 {} ({how})",
             ms(report.latency_ms_p50),
             ms(report.latency_ms_p95),
             ms(report.latency_ms_p99)

@@ -66,6 +66,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         println!();
         println!("  open {}", bridge.url());
         println!("  or measure it: hxfr stream {} --duration 30", bridge.url());
+        println!("  Helix's client: {}", bridge.helix_url());
         println!();
         println!("Ctrl-C stops.");
         let r = tokio::select! {

@@ -21,12 +21,17 @@ fn demo_serves_a_stream_that_hxfr_stream_measures_then_stops_on_ctrl_c() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("demo printed its URL").unwrap();
+    let (mut url, mut helix_url) = (None, None);
+    while helix_url.is_none() {
+        let line = lines.next().expect("demo printed its URLs").unwrap();
         if let Some(u) = line.trim().strip_prefix("open ") {
-            break u.to_string();
+            url = Some(u.to_string());
         }
-    };
+        if let Some(u) = line.trim().strip_prefix("Helix's client: ") {
+            helix_url = Some(u.to_string());
+        }
+    }
+    let (url, helix_url) = (url.expect("the page URL comes first"), helix_url.unwrap());
     let out = hxfr().args(["stream", &url, "--duration", "3", "--json"]).output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(out.status.success(), "{report:#}");
@@ -34,6 +39,16 @@ fn demo_serves_a_stream_that_hxfr_stream_measures_then_stops_on_ctrl_c() {
     assert_eq!((report["width"].as_u64(), report["height"].as_u64()), (Some(640), Some(360)));
     assert_eq!(report["encoder"], "vsockenc");
     assert_eq!(report["starts_with_idr"], true);
+    // Helix's protocol, recognised by the /ws/stream path: the same figures.
+    assert!(helix_url.starts_with("ws://") && helix_url.ends_with("/ws/stream"), "{helix_url}");
+    let out = hxfr().args(["stream", &helix_url, "--duration", "2", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report:#}");
+    assert_eq!(report["protocol"], "helix");
+    assert!(report["frames"].as_u64().unwrap() >= 40, "{report:#}");
+    assert_eq!((report["width"].as_u64(), report["height"].as_u64()), (Some(640), Some(360)));
+    assert_eq!(report["starts_with_idr"], true);
+    assert!(report["latency_ms_p50"].is_number(), "{report:#}");
     // SAFETY: signalling the child we started, by its pid.
     unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
