@@ -82,6 +82,12 @@ impl Hub {
         *self.request_keyframe.lock().unwrap() = Some(f);
     }
 
+    /// Whether a keyframe request would go upstream now (none was asked for
+    /// within the coalescing window).
+    pub fn keyframe_request_open(&self) -> bool {
+        !self.last_key_request.lock().unwrap().is_some_and(|t| t.elapsed() < KEYFRAME_COALESCE)
+    }
+
     /// Asks upstream for a keyframe unless one was asked for just now.
     pub fn request_keyframe(&self) {
         let mut last = self.last_key_request.lock().unwrap();

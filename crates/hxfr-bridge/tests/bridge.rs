@@ -93,7 +93,13 @@ async fn a_late_viewer_starts_at_a_keyframe() {
     let url = s.bridge.url();
     // The first viewer keeps watching while the second joins.
     let first = tokio::spawn(async move { watch(&url, Duration::from_secs(4), |_| {}).await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Join once the first viewer is in and its own keyframe request has
+    // left the coalescing window, so the late viewer's request is its own.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(s.bridge.hub.viewers() == 1 && s.bridge.hub.keyframe_request_open()) {
+        assert!(std::time::Instant::now() < deadline, "the first viewer never settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before = s.bridge.hub.keyframe_requests.load(std::sync::atomic::Ordering::Relaxed);
     let late = watch(&s.bridge.url(), Duration::from_secs(2), |_| {}).await.unwrap();
     assert_sound(&late, 640, 360);

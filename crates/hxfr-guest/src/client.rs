@@ -185,15 +185,19 @@ impl<T> Shared<T> {
         let deadline = Instant::now() + timeout;
         let mut q = self.lock();
         loop {
-            if let Some(why) = &q.dead {
+            // A dead connection: once the reader has handed over what is
+            // lost (so nobody overtakes those frames), or at the timeout.
+            if let Some(why) = &q.dead
+                && q.outstanding == 0
+            {
                 return Err(WaitError::Dead(why.clone()));
             }
-            if q.outstanding < max {
+            if q.dead.is_none() && q.outstanding < max {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(WaitError::Timeout);
+                return Err(q.dead.clone().map_or(WaitError::Timeout, WaitError::Dead));
             }
             q = self.changed.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0;
         }
@@ -534,12 +538,18 @@ fn read_loop<T: Send + 'static>(mut rx: Receiver, shared: &Shared<T>, handler: &
     let (lost, why) = {
         let mut q = shared.lock();
         let why = q.dead.get_or_insert(why).clone();
-        q.outstanding = 0;
         shared.changed.notify_all();
-        (q.pending.drain(..).collect(), why)
+        (q.pending.drain(..).collect::<Vec<_>>(), why)
     };
+    let areas: Vec<usize> = lost.iter().filter_map(|p| p.area).collect();
     let why = if why == "closed" { Lost::Closed } else { Lost::Disconnected(why) };
     handler.handle(Event::Lost { pending: lost, why });
+    // Counted down only now, as answered frames are: waiters see the loss
+    // reported before they go on.
+    let mut q = shared.lock();
+    q.outstanding = 0;
+    q.free_areas.extend(areas);
+    shared.changed.notify_all();
 }
 
 #[cfg(test)]

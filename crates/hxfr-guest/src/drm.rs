@@ -121,13 +121,22 @@ impl VirtioGpu {
     pub fn resource_id(&self, dmabuf: RawFd) -> Result<u32, DrmError> {
         let fd = self.file.as_raw_fd();
         let mut prime = DrmPrimeHandle { fd: dmabuf, ..Default::default() };
-        ioctl(fd, DRM_IOCTL_PRIME_FD_TO_HANDLE, &mut prime)
-            .map_err(|e| DrmError::Ioctl("DRM_IOCTL_PRIME_FD_TO_HANDLE", e))?;
+        {
+            // SAFETY: DrmPrimeHandle is the argument struct of this request.
+            unsafe { ioctl(fd, DRM_IOCTL_PRIME_FD_TO_HANDLE, &mut prime) }
+        }
+        .map_err(|e| DrmError::Ioctl("DRM_IOCTL_PRIME_FD_TO_HANDLE", e))?;
         let mut info = DrmVirtgpuResourceInfo { bo_handle: prime.handle, ..Default::default() };
-        let res = ioctl(fd, DRM_IOCTL_VIRTGPU_RESOURCE_INFO, &mut info);
+        let res = {
+            // SAFETY: DrmVirtgpuResourceInfo is the argument struct of this request.
+            unsafe { ioctl(fd, DRM_IOCTL_VIRTGPU_RESOURCE_INFO, &mut info) }
+        };
         // Close the GEM handle whatever happened: it holds a reference.
         let mut close = DrmGemClose { handle: prime.handle, pad: 0 };
-        let _ = ioctl(fd, DRM_IOCTL_GEM_CLOSE, &mut close);
+        let _ = {
+            // SAFETY: DrmGemClose is the argument struct of this request.
+            unsafe { ioctl(fd, DRM_IOCTL_GEM_CLOSE, &mut close) }
+        };
         res.map_err(|e| DrmError::Ioctl("DRM_IOCTL_VIRTGPU_RESOURCE_INFO", e))?;
         Ok(info.res_handle)
     }
@@ -140,17 +149,26 @@ pub fn create_dumb_dmabuf(card: &Path, width: u32, height: u32) -> Result<std::o
     let file = OpenOptions::new().read(true).write(true).open(card).map_err(|e| DrmError::Open(card.into(), e))?;
     let fd = file.as_raw_fd();
     let mut dumb = DrmModeCreateDumb { width, height, bpp: 32, ..Default::default() };
-    ioctl(fd, DRM_IOCTL_MODE_CREATE_DUMB, &mut dumb).map_err(|e| DrmError::Ioctl("DRM_IOCTL_MODE_CREATE_DUMB", e))?;
+    {
+        // SAFETY: DrmModeCreateDumb is the argument struct of this request.
+        unsafe { ioctl(fd, DRM_IOCTL_MODE_CREATE_DUMB, &mut dumb) }
+    }
+    .map_err(|e| DrmError::Ioctl("DRM_IOCTL_MODE_CREATE_DUMB", e))?;
     let mut prime = DrmPrimeHandle { handle: dumb.handle, flags: (libc::O_CLOEXEC | libc::O_RDWR) as u32, fd: -1 };
-    ioctl(fd, DRM_IOCTL_PRIME_HANDLE_TO_FD, &mut prime)
-        .map_err(|e| DrmError::Ioctl("DRM_IOCTL_PRIME_HANDLE_TO_FD", e))?;
+    {
+        // SAFETY: DrmPrimeHandle is the argument struct of this request.
+        unsafe { ioctl(fd, DRM_IOCTL_PRIME_HANDLE_TO_FD, &mut prime) }
+    }
+    .map_err(|e| DrmError::Ioctl("DRM_IOCTL_PRIME_HANDLE_TO_FD", e))?;
     // SAFETY: the kernel just gave us this fd; nothing else owns it. The
     // DMA-BUF keeps the buffer alive after the card is closed.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(prime.fd) })
 }
 
-fn ioctl<T>(fd: RawFd, request: u64, arg: &mut T) -> std::io::Result<()> {
-    // SAFETY: `arg` is the repr(C) struct this request expects, alive for the call.
+/// # Safety
+/// `T` must be the repr(C) argument struct that `request` expects.
+unsafe fn ioctl<T>(fd: RawFd, request: u64, arg: &mut T) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for the type; `arg` is alive for the call.
     let r = unsafe { libc::ioctl(fd, request as _, arg as *mut T) };
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
