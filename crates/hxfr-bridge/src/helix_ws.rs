@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::h264_level::{self, Fit, Limits};
 use crate::helix::{self, ClientMessage, HelixError, Init, Pong, StreamInit, VideoFrame};
 use crate::hub::{Unit, Viewer};
-use crate::server::{AppState, Params, authorised, refused};
+use crate::server::{AppState, Params, authorised, refused, send_within};
 use crate::wire::{self, Header};
 
 /// How long a viewer has to send its init.
@@ -101,12 +101,13 @@ struct Conn<'a> {
 impl Conn<'_> {
     async fn send(&mut self, m: Message) -> bool {
         self.last_sent = Instant::now();
-        self.tx.send(m).await.is_ok()
+        send_within(&mut self.tx, m, self.st.write_timeout).await
     }
 
     async fn send_error(&mut self, text: &str) {
-        let _ = self.send(Message::Binary(helix::stream_error(text))).await;
-        let _ = self.tx.close().await;
+        if self.send(Message::Binary(helix::stream_error(text))).await {
+            let _ = tokio::time::timeout(self.st.write_timeout, self.tx.close()).await;
+        }
     }
 
     fn reject(&mut self, e: &HelixError) {

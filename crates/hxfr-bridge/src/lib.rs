@@ -8,6 +8,7 @@
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
+pub mod access;
 pub mod h264_level;
 pub mod helix;
 pub mod helix_ws;
@@ -44,6 +45,11 @@ pub struct BridgeConfig {
     pub listen: SocketAddr,
     pub token: Option<String>,
     pub allow_lan_without_auth: bool,
+    /// Web origins besides the bridge's own page that may open its streams (`--allow-origin`).
+    pub allow_origins: Vec<String>,
+    /// Host names besides loopback and the listen address the bridge answers to (`--allow-host`).
+    pub allow_hosts: Vec<String>,
+    pub limits: access::Limits,
     /// Root of the sysfs tree the GPU vendor is read from.
     pub sysfs: PathBuf,
 }
@@ -61,6 +67,9 @@ impl Default for BridgeConfig {
             listen: "127.0.0.1:8080".parse().expect("valid address"),
             token: None,
             allow_lan_without_auth: false,
+            allow_origins: Vec::new(),
+            allow_hosts: Vec::new(),
+            limits: access::Limits::default(),
             sysfs: "/sys".into(),
         }
     }
@@ -73,6 +82,8 @@ pub struct Bridge {
     pub hub: Arc<hub::Hub>,
     /// What `/ws/stream` has seen.
     pub helix: Arc<helix_ws::Counters>,
+    /// The `Host`/`Origin` rules and their refusal counts.
+    pub access: Arc<access::Access>,
     pipeline: gst::Pipeline,
     server: tokio::task::JoinHandle<()>,
     token: Option<String>,
@@ -121,6 +132,7 @@ impl Bridge {
         let state = Arc::new(server::AppState {
             hub: hub.clone(),
             token: cfg.token.clone(),
+            write_timeout: cfg.limits.write_timeout,
             hello: json!({
                 "type": "hello",
                 "encoder": choice.element,
@@ -137,13 +149,10 @@ impl Bridge {
                 counters: helix.clone(),
             },
         });
-        let app = server::router(state);
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                warn!("web server stopped: {e}");
-            }
-        });
-        Ok(Bridge { addr, choice, hub, helix, pipeline, server, token: cfg.token })
+        let rules = Arc::new(access::Access::new(addr.ip(), &cfg.allow_origins, &cfg.allow_hosts));
+        let app = server::router(state).layer(axum::middleware::from_fn_with_state(rules.clone(), access::guard));
+        let server = tokio::spawn(access::serve(listener, app, cfg.limits, rules.clone()));
+        Ok(Bridge { addr, choice, hub, helix, access: rules, pipeline, server, token: cfg.token })
     }
 
     /// The page's address (with the token when one is needed).

@@ -29,6 +29,8 @@ const PAGE: &str = include_str!("../page/index.html");
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub token: Option<String>,
+    /// A viewer that has not taken a message within this is closed.
+    pub write_timeout: Duration,
     pub hello: serde_json::Value,
     pub helix: crate::helix_ws::Endpoint,
 }
@@ -42,8 +44,26 @@ pub(crate) fn authorised(st: &AppState, q: &HashMap<String, String>) -> bool {
     }
 }
 
+/// Compares in time that depends on the lengths only: every byte pair is
+/// XORed and OR-folded, with no early exit, so how long a guess takes to fail
+/// says nothing about how much of it was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Sends `m`, or gives up when the viewer has not taken it within `within`
+/// (it stopped reading; the page reconnects by itself).
+pub(crate) async fn send_within<S>(tx: &mut S, m: Message, within: Duration) -> bool
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    match tokio::time::timeout(within, tx.send(m)).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            tracing::warn!("closing a viewer that took nothing for {within:?} (write timeout)");
+            false
+        }
+    }
 }
 
 pub(crate) fn refused() -> Response {
@@ -79,7 +99,7 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let (mut last_frames, mut last_bytes, mut last_t) =
         (st.hub.frames.load(Ordering::Relaxed), st.hub.bytes.load(Ordering::Relaxed), Instant::now());
-    if tx.send(Message::Text(st.hello.to_string().into())).await.is_err() {
+    if !send_within(&mut tx, Message::Text(st.hello.to_string().into()), st.write_timeout).await {
         st.hub.unsubscribe(&v);
         return;
     }
@@ -88,9 +108,9 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
             _ = v.notify.notified() => {
                 let Some(units) = v.take() else { break };
                 for u in units {
-                    // A viewer that does not read blocks only here; the hub keeps
-                    // its queue bounded meanwhile.
-                    if tx.send(Message::Binary(u.message.clone())).await.is_err() {
+                    // A viewer that does not read blocks only here, for at most the
+                    // write timeout; the hub keeps its queue bounded meanwhile.
+                    if !send_within(&mut tx, Message::Binary(u.message.clone()), st.write_timeout).await {
                         break 'run;
                     }
                 }
@@ -102,7 +122,7 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
                         Some("keyframe") => st.hub.request_keyframe(),
                         Some("ping") => {
                             let pong = json!({"type": "pong", "t": msg["t"], "server_ms": crate::wire::unix_us() as f64 / 1000.0});
-                            if tx.send(Message::Text(pong.to_string().into())).await.is_err() {
+                            if !send_within(&mut tx, Message::Text(pong.to_string().into()), st.write_timeout).await {
                                 break;
                             }
                         }
@@ -124,7 +144,7 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
                     "skipped": v.skipped.load(Ordering::Relaxed),
                 });
                 (last_frames, last_bytes, last_t) = (f, b, now);
-                if tx.send(Message::Text(stats.to_string().into())).await.is_err() {
+                if !send_within(&mut tx, Message::Text(stats.to_string().into()), st.write_timeout).await {
                     break;
                 }
             }

@@ -112,9 +112,13 @@ async fn a_late_viewer_starts_at_a_keyframe() {
 }
 
 fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    http_status_as(addr, path, "localhost")
+}
+
+fn http_status_as(addr: std::net::SocketAddr, path: &str, host: &str) -> u16 {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
     let mut head = [0u8; 12];
     s.read_exact(&mut head).unwrap();
     String::from_utf8_lossy(&head[9..12]).parse().unwrap()
@@ -587,8 +591,13 @@ ws.onmessage = (e) => {
 
 /// Serves `page` to every request on a loopback port (a secure context, as WebCodecs needs).
 async fn serve_page(page: &'static str) -> std::net::SocketAddr {
+    serve_page_on("127.0.0.1", page).await
+}
+
+/// [`serve_page`] on another loopback address: another site, as far as the browser knows.
+async fn serve_page_on(ip: &str, page: &'static str) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = l.accept().await {
@@ -615,8 +624,9 @@ async fn serve_page(page: &'static str) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_helix_style_page_decodes_the_ws_stream_as_avc1_42d028_in_headless_chromium() {
-    let s = setup(vsockenc(1920, 1080)).await;
+    // Helix serves its page from its own origin: the bridge lets it in by name.
     let page = serve_page(HELIX_PAGE).await;
+    let s = setup(BridgeConfig { allow_origins: vec![format!("http://{page}")], ..vsockenc(1920, 1080) }).await;
     let url = format!("http://{page}/?ws={}", s.bridge.helix_url());
     let result = with_chromium(|client| async move {
         client.goto(&url).await.map_err(|e| e.to_string())?;
@@ -639,4 +649,236 @@ async fn a_helix_style_page_decodes_the_ws_stream_as_avc1_42d028_in_headless_chr
     assert_eq!(stats["complete"]["width"], 1920);
     assert_eq!(stats["pong"], serde_json::json!({"length": 29, "seq": 77, "echo": 123456}));
     assert!(stats["keyframes"].as_u64().unwrap() >= 1);
+}
+
+// ---------------------------------------------------------------------------
+// Who gets in, and how much a client may hold (issue 18, rows 8 and 9).
+// ---------------------------------------------------------------------------
+
+/// Polls `f` every 50 ms until it holds; panics with `what` after `within`.
+async fn until(what: &str, within: Duration, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A WebSocket upgrade of `url` with these `Origin` and `Host` (none: the
+/// client's own, no `Origin` as non-browser clients send); its HTTP status.
+async fn upgrade_status(url: &str, origin: Option<&str>, host: Option<&str>) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    if let Some(o) = origin {
+        req.headers_mut().insert("origin", o.parse().unwrap());
+    }
+    if let Some(h) = host {
+        req.headers_mut().insert("host", h.parse().unwrap());
+    }
+    match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(req)).await {
+        Ok(Ok((mut ws, resp))) => {
+            let _ = ws.close(None).await;
+            resp.status().as_u16()
+        }
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => resp.status().as_u16(),
+        Ok(Err(e)) => panic!("{url}: {e}"),
+        Err(_) => panic!("{url}: no answer within 5 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_sites_and_rebound_hosts_are_refused_on_every_endpoint() {
+    let s = setup(BridgeConfig {
+        allow_origins: vec!["http://127.0.0.4:3000".into()],
+        allow_hosts: vec!["bridge.test".into()],
+        ..vsockenc(320, 240)
+    })
+    .await;
+    let addr = s.bridge.addr;
+    let port = addr.port();
+    let own = format!("http://{addr}");
+    let evil = format!("evil.example:{port}");
+    for path in ["/stream", "/ws/stream", "/elsewhere"] {
+        let url = format!("ws://{addr}{path}");
+        assert_eq!(upgrade_status(&url, Some("http://127.0.0.3:18090"), None).await, 403, "{path}: another site");
+        assert_eq!(upgrade_status(&url, Some("null"), None).await, 403, "{path}: an opaque origin");
+        assert_eq!(upgrade_status(&url, Some(&format!("https://127.0.0.1:{}", port + 1)), None).await, 403, "{path}");
+        assert_eq!(upgrade_status(&url, None, Some(&evil)).await, 403, "{path}: DNS rebinding");
+        assert_eq!(upgrade_status(&url, Some(&format!("http://{evil}")), Some(&evil)).await, 403, "{path}");
+    }
+    for path in ["/stream", "/ws/stream"] {
+        let url = format!("ws://{addr}{path}");
+        assert_eq!(upgrade_status(&url, None, None).await, 101, "{path}: a client that is not a browser");
+        assert_eq!(upgrade_status(&url, Some(&own), None).await, 101, "{path}: the bridge's own page");
+        let local = format!("localhost:{port}");
+        assert_eq!(upgrade_status(&url, Some(&format!("http://{local}")), Some(&local)).await, 101, "{path}");
+        assert_eq!(upgrade_status(&url, Some("http://127.0.0.4:3000"), None).await, 101, "{path}: --allow-origin");
+        let named = format!("bridge.test:{port}");
+        assert_eq!(
+            upgrade_status(&url, Some(&format!("http://{named}")), Some(&named)).await,
+            101,
+            "{path}: --allow-host"
+        );
+    }
+    let statuses = tokio::task::spawn_blocking(move || {
+        [evil.as_str(), "localhost", "127.0.0.1", "127.0.0.1:8080", "[::1]:1", "bridge.test"]
+            .map(|h| http_status_as(addr, "/", h))
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, [403, 200, 200, 200, 200, 200], "the page, by Host");
+    assert!(s.bridge.access.refused.load(std::sync::atomic::Ordering::Relaxed) >= 16);
+    assert_sound(&watch(&s.bridge.url(), Duration::from_secs(1), |_| {}).await.unwrap(), 320, 240);
+    s.bridge.stop();
+}
+
+/// Another site's page trying both streams of a bridge, as row 8's attacker did.
+const FOREIGN_PAGE: &str = r#"<!doctype html><html><body><script>
+"use strict";
+const probe = window.probe = {};
+for (const path of ["/stream", "/ws/stream"]) {
+  const p = probe[path] = { open: false, messages: 0, error: false, closed: null };
+  const ws = new WebSocket(new URLSearchParams(location.search).get("bridge") + path);
+  ws.onopen = () => { p.open = true; };
+  ws.onmessage = () => { p.messages++; };
+  ws.onerror = () => { p.error = true; };
+  ws.onclose = (e) => { p.closed = e.code; };
+}
+</script></body></html>"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_sites_page_in_headless_chromium_cannot_open_the_stream() {
+    let s = setup(vsockenc(320, 240)).await;
+    let page = serve_page_on("127.0.0.3", FOREIGN_PAGE).await;
+    let url = format!("http://{page}/?bridge=ws://{}", s.bridge.addr);
+    let result = with_chromium(|client| async move {
+        client.goto(&url).await.map_err(|e| e.to_string())?;
+        poll_page(&client, "window.probe", |v| {
+            v["/stream"]["closed"].is_number() && v["/ws/stream"]["closed"].is_number()
+        })
+        .await
+    })
+    .await;
+    let refused = s.bridge.access.refused.load(std::sync::atomic::Ordering::Relaxed);
+    let helix = s.bridge.helix.connections.load(std::sync::atomic::Ordering::Relaxed);
+    s.bridge.stop();
+    let probe = result.unwrap();
+    println!("the foreign page saw: {probe}");
+    for path in ["/stream", "/ws/stream"] {
+        let p = &probe[path];
+        assert_eq!((&p["open"], &p["messages"], &p["error"]), (&false.into(), &0.into(), &true.into()), "{path}: {p}");
+    }
+    assert!(refused >= 2, "the bridge refused both upgrades ({refused})");
+    assert_eq!(helix, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_closed_at_the_header_timeout_and_oversized_heads_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = Duration::from_secs(1);
+    let limits = hxfr_bridge::access::Limits { header_timeout: timeout, ..Default::default() };
+    let s = setup(BridgeConfig { limits, ..vsockenc(320, 240) }).await;
+    let addr = s.bridge.addr;
+    let start = Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Half: ").await.unwrap();
+        conns.push(c);
+    }
+    // One more trickles a byte every 200 ms: the timeout is for the whole head, not for silence.
+    let trickle = tokio::spawn(async move {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t = Instant::now();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+        while c.write_all(b"a").await.is_ok() && t.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        t.elapsed()
+    });
+    // The bridge closes each: its reads end (EOF or reset), after the timeout and well before 5 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut closed = 0;
+    for c in &mut conns {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout_at(deadline, c.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(Ok(_)) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    let took = start.elapsed();
+    println!("20 half-sent requests closed by the bridge after {took:?}");
+    assert_eq!(closed, 20, "closed by the bridge within 5 s");
+    assert!(took >= timeout - Duration::from_millis(100), "not before the timeout: {took:?}");
+    let trickled = trickle.await.unwrap();
+    assert!(trickled < Duration::from_secs(5), "a trickle is cut too: {trickled:?}");
+    // A head over the size limit is refused with 431; the bridge goes on serving.
+    let (big, after) = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = format!("GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "a".repeat(80 * 1024));
+        let _ = c.write_all(head.as_bytes());
+        let mut answer = [0u8; 12];
+        let big = c.read_exact(&mut answer).map(|_| String::from_utf8_lossy(&answer[9..12]).into_owned());
+        (big, http_status(addr, "/"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(big.ok().as_deref(), Some("431"));
+    assert_eq!(after, 200);
+    s.bridge.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_that_does_not_read_is_closed_at_the_write_timeout_and_others_keep_their_frames() {
+    let limits = hxfr_bridge::access::Limits { write_timeout: Duration::from_secs(2), ..Default::default() };
+    // A high bitrate fills the stalled viewer's socket buffers quickly.
+    let s = setup(BridgeConfig { bitrate: 30_000_000, limits, ..vsockenc(1280, 720) }).await;
+    let hub = s.bridge.hub.clone();
+    let ws = format!("ws://{}/stream", s.bridge.addr);
+    let (_stalled, _) = tokio_tungstenite::connect_async(ws.as_str()).await.unwrap(); // never read
+    let t0 = Instant::now();
+    until("the stalled viewer is subscribed", Duration::from_secs(5), || hub.viewers() == 1).await;
+    let url = s.bridge.url();
+    let good = tokio::spawn(async move { watch(&url, Duration::from_secs(12), |_| {}).await });
+    until("the healthy viewer joins", Duration::from_secs(5), || hub.viewers() == 2).await;
+    until("the stalled viewer is closed", Duration::from_secs(30), || hub.viewers() == 1).await;
+    let closed_after = t0.elapsed();
+    assert!(!good.is_finished(), "the one left is the healthy viewer");
+    let r = good.await.unwrap().unwrap();
+    println!("stalled viewer closed after {closed_after:?}; healthy viewer: {:.1} fps", r.fps_avg);
+    assert_sound(&r, 1280, 720);
+    assert!(r.fps_avg >= 25.0, "the healthy viewer keeps its rate: {r:#?}");
+    assert!(r.fps_worst_1s >= 20.0, "{r:#?}");
+    s.bridge.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_the_next_client_gets_503_until_one_leaves() {
+    let limits = hxfr_bridge::access::Limits { max_connections: 3, ..Default::default() };
+    let s = setup(BridgeConfig { limits, ..vsockenc(320, 240) }).await;
+    let addr = s.bridge.addr;
+    let ws = format!("ws://{addr}/stream");
+    let (mut viewer, _) = tokio_tungstenite::connect_async(ws.as_str()).await.unwrap();
+    let idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _idle2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Connections are accepted in order: these come after the three above.
+    assert_eq!(tokio::task::spawn_blocking(move || http_status(addr, "/")).await.unwrap(), 503);
+    assert_eq!(upgrade_status(&ws, None, None).await, 503);
+    assert_eq!(s.bridge.access.busy.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // The viewer inside the cap is unaffected.
+    assert!(matches!(next(&mut viewer).await, Message::Text(_) | Message::Binary(_)));
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::task::spawn_blocking(move || http_status(addr, "/")).await.unwrap() != 200 {
+        assert!(Instant::now() < deadline, "a slot frees when a connection leaves");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.bridge.stop();
 }

@@ -36,6 +36,17 @@ pub struct BridgeArgs {
     token: Option<String>,
     #[arg(long)]
     allow_lan_without_auth: bool,
+    /// A web origin (scheme://host:port) whose pages may open the stream, besides the
+    /// bridge's own page; repeatable. Without it no other site's page gets in.
+    #[arg(long, value_name = "ORIGIN")]
+    allow_origin: Vec<String>,
+    /// A host name the bridge answers to besides loopback and its listen address
+    /// (requests naming any other host get 403, against DNS rebinding); repeatable.
+    #[arg(long, value_name = "NAME")]
+    allow_host: Vec<String>,
+    /// Connections at a time, viewers included; the next one gets 503.
+    #[arg(long, default_value_t = hxfr_bridge::access::Limits::default().max_connections)]
+    max_connections: usize,
     /// sysfs root the GPU vendor is read from.
     #[arg(long, default_value = "/sys", hide = true)]
     sysfs: PathBuf,
@@ -56,6 +67,9 @@ pub fn bridge(a: BridgeArgs) -> Result<()> {
             listen: a.listen,
             token: a.token,
             allow_lan_without_auth: a.allow_lan_without_auth,
+            allow_origins: a.allow_origin,
+            allow_hosts: a.allow_host,
+            limits: hxfr_bridge::access::Limits { max_connections: a.max_connections, ..Default::default() },
             sysfs: a.sysfs,
         })
         .await?;
