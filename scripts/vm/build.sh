@@ -3,7 +3,8 @@
 #   vmlinuz            Debian's cloud kernel (apt-get download + dpkg -x, nothing installed)
 #   guest.cpio.gz      busybox-static, the kernel's virtio/vsock modules, hxfr-vmguest (static)
 #   vmlinuz-generic, gpu.cpio.gz   Debian's generic kernel (the cloud one has no DRM)
-#                      with its virtio-gpu modules, busybox and hxfr-vmguest
+#                      with its virtio-gpu, virtio-serial and vsock modules,
+#                      busybox and hxfr-vmguest
 #   gst.cpio.gz        the same plus GStreamer 1.22 from this machine's Debian packages
 #                      (gst-launch-1.0, the plugins a test pipeline needs, their
 #                      libraries) and our libgstvsockenc.so
@@ -86,6 +87,7 @@ log "packing gpu.cpio.gz"
 GPU_MODS="drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko
 drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko
 drivers/char/virtio_console.ko drivers/virtio/virtio_dma_buf.ko
+net/vmw_vsock/vsock.ko net/vmw_vsock/vmw_vsock_virtio_transport_common.ko net/vmw_vsock/vmw_vsock_virtio_transport.ko
 drivers/gpu/drm/drm.ko drivers/gpu/drm/drm_kms_helper.ko drivers/gpu/drm/drm_shmem_helper.ko
 drivers/gpu/drm/virtio/virtio-gpu.ko"
 base_root "$VM/gpuroot" "$VM/kernel-generic" "$GVER" "$GPU_MODS"

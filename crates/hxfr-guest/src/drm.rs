@@ -48,6 +48,20 @@ struct DrmModeCreateDumb {
     size: u64,
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct DrmModeMapDumb {
+    handle: u32,
+    pad: u32,
+    offset: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct DrmModeDestroyDumb {
+    handle: u32,
+}
+
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | ((b'd' as u64) << 8) | nr
 }
@@ -57,6 +71,8 @@ const DRM_COMMAND_BASE: u64 = 0x40;
 
 pub const DRM_IOCTL_PRIME_HANDLE_TO_FD: u64 = ioc(IOC_READWRITE, 0x2d, size_of::<DrmPrimeHandle>());
 pub const DRM_IOCTL_MODE_CREATE_DUMB: u64 = ioc(IOC_READWRITE, 0xb2, size_of::<DrmModeCreateDumb>());
+pub const DRM_IOCTL_MODE_MAP_DUMB: u64 = ioc(IOC_READWRITE, 0xb3, size_of::<DrmModeMapDumb>());
+pub const DRM_IOCTL_MODE_DESTROY_DUMB: u64 = ioc(IOC_READWRITE, 0xb4, size_of::<DrmModeDestroyDumb>());
 pub const DRM_IOCTL_PRIME_FD_TO_HANDLE: u64 = ioc(IOC_READWRITE, 0x2e, size_of::<DrmPrimeHandle>());
 pub const DRM_IOCTL_GEM_CLOSE: u64 = ioc(IOC_WRITE, 0x09, size_of::<DrmGemClose>());
 pub const DRM_IOCTL_VIRTGPU_RESOURCE_INFO: u64 =
@@ -142,27 +158,77 @@ impl VirtioGpu {
     }
 }
 
-/// A dumb buffer on a DRM primary node (`/dev/dri/cardN`) exported as a
-/// DMA-BUF: what a compositor's scanout buffer looks like to a capture
-/// pipeline. For tests of [`VirtioGpu::resource_id`] in a VM.
+/// A dumb buffer on a DRM primary node (`/dev/dri/cardN`): what a
+/// compositor's scanout buffer looks like to a capture pipeline. For tests
+/// of resource mode in a VM: the guest draws into [`DumbBuffer::map`] and
+/// names the buffer by its DMA-BUF's resource id. Dropping it destroys the
+/// buffer, once no DMA-BUF exported from it is left open (the kernel then
+/// sends RESOURCE_UNREF to the device).
+pub struct DumbBuffer {
+    card: File,
+    handle: u32,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes per row.
+    pub pitch: u32,
+    pub size: u64,
+}
+
+impl DumbBuffer {
+    /// A `width`x`height` buffer of 32-bit pixels (the virtio-gpu driver
+    /// makes it a B8G8R8X8 resource).
+    pub fn create(card: &Path, width: u32, height: u32) -> Result<DumbBuffer, DrmError> {
+        let card_file =
+            OpenOptions::new().read(true).write(true).open(card).map_err(|e| DrmError::Open(card.into(), e))?;
+        let mut dumb = DrmModeCreateDumb { width, height, bpp: 32, ..Default::default() };
+        {
+            // SAFETY: DrmModeCreateDumb is the argument struct of this request.
+            unsafe { ioctl(card_file.as_raw_fd(), DRM_IOCTL_MODE_CREATE_DUMB, &mut dumb) }
+        }
+        .map_err(|e| DrmError::Ioctl("DRM_IOCTL_MODE_CREATE_DUMB", e))?;
+        Ok(DumbBuffer { card: card_file, handle: dumb.handle, width, height, pitch: dumb.pitch, size: dumb.size })
+    }
+
+    /// A DMA-BUF of this buffer; it keeps the buffer alive after `self` goes.
+    pub fn export(&self) -> Result<std::os::fd::OwnedFd, DrmError> {
+        let mut prime = DrmPrimeHandle { handle: self.handle, flags: (libc::O_CLOEXEC | libc::O_RDWR) as u32, fd: -1 };
+        {
+            // SAFETY: DrmPrimeHandle is the argument struct of this request.
+            unsafe { ioctl(self.card.as_raw_fd(), DRM_IOCTL_PRIME_HANDLE_TO_FD, &mut prime) }
+        }
+        .map_err(|e| DrmError::Ioctl("DRM_IOCTL_PRIME_HANDLE_TO_FD", e))?;
+        // SAFETY: the kernel just gave us this fd; nothing else owns it.
+        Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(prime.fd) })
+    }
+
+    /// The buffer's pages, writable: what the guest draws lands in the
+    /// resource's backing, which the host device reads.
+    pub fn map(&self) -> Result<memmap2::MmapMut, DrmError> {
+        let mut map = DrmModeMapDumb { handle: self.handle, ..Default::default() };
+        {
+            // SAFETY: DrmModeMapDumb is the argument struct of this request.
+            unsafe { ioctl(self.card.as_raw_fd(), DRM_IOCTL_MODE_MAP_DUMB, &mut map) }
+        }
+        .map_err(|e| DrmError::Ioctl("DRM_IOCTL_MODE_MAP_DUMB", e))?;
+        // SAFETY: the fake offset the kernel gave names this buffer on this
+        // card fd; the mapping holds its own reference to the object, and
+        // only this process writes it (the host reads).
+        unsafe { memmap2::MmapOptions::new().offset(map.offset).len(self.size as usize).map_mut(&self.card) }
+            .map_err(|e| DrmError::Ioctl("mmap of a dumb buffer", e))
+    }
+}
+
+impl Drop for DumbBuffer {
+    fn drop(&mut self) {
+        let mut d = DrmModeDestroyDumb { handle: self.handle };
+        // SAFETY: DrmModeDestroyDumb is the argument struct of this request.
+        let _ = unsafe { ioctl(self.card.as_raw_fd(), DRM_IOCTL_MODE_DESTROY_DUMB, &mut d) };
+    }
+}
+
+/// A dumb buffer exported as a DMA-BUF (see [`DumbBuffer`]).
 pub fn create_dumb_dmabuf(card: &Path, width: u32, height: u32) -> Result<std::os::fd::OwnedFd, DrmError> {
-    let file = OpenOptions::new().read(true).write(true).open(card).map_err(|e| DrmError::Open(card.into(), e))?;
-    let fd = file.as_raw_fd();
-    let mut dumb = DrmModeCreateDumb { width, height, bpp: 32, ..Default::default() };
-    {
-        // SAFETY: DrmModeCreateDumb is the argument struct of this request.
-        unsafe { ioctl(fd, DRM_IOCTL_MODE_CREATE_DUMB, &mut dumb) }
-    }
-    .map_err(|e| DrmError::Ioctl("DRM_IOCTL_MODE_CREATE_DUMB", e))?;
-    let mut prime = DrmPrimeHandle { handle: dumb.handle, flags: (libc::O_CLOEXEC | libc::O_RDWR) as u32, fd: -1 };
-    {
-        // SAFETY: DrmPrimeHandle is the argument struct of this request.
-        unsafe { ioctl(fd, DRM_IOCTL_PRIME_HANDLE_TO_FD, &mut prime) }
-    }
-    .map_err(|e| DrmError::Ioctl("DRM_IOCTL_PRIME_HANDLE_TO_FD", e))?;
-    // SAFETY: the kernel just gave us this fd; nothing else owns it. The
-    // DMA-BUF keeps the buffer alive after the card is closed.
-    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(prime.fd) })
+    DumbBuffer::create(card, width, height)?.export()
 }
 
 /// # Safety
@@ -185,6 +251,8 @@ mod tests {
         assert_eq!(DRM_IOCTL_VIRTGPU_RESOURCE_INFO, 0xc010_6445);
         assert_eq!(DRM_IOCTL_PRIME_HANDLE_TO_FD, 0xc00c_642d);
         assert_eq!(DRM_IOCTL_MODE_CREATE_DUMB, 0xc020_64b2);
+        assert_eq!(DRM_IOCTL_MODE_MAP_DUMB, 0xc010_64b3);
+        assert_eq!(DRM_IOCTL_MODE_DESTROY_DUMB, 0xc004_64b4);
     }
 
     #[test]

@@ -61,15 +61,16 @@ pub(crate) struct Shared {
 }
 
 /// Serves one connection until it ends, inside a span naming it.
-pub(crate) async fn serve<S>(shared: Arc<Shared>, id: u64, stream: S, peer: String, kind: StreamKind)
+/// `peer` is who connected, `via` the listener or `--connect` socket it came through.
+pub(crate) async fn serve<S>(shared: Arc<Shared>, id: u64, stream: S, peer: String, via: String, kind: StreamKind)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let span = info_span!("conn", id, %peer);
-    run(shared, id, stream, peer, kind).instrument(span).await
+    run(shared, id, stream, peer, via, kind).instrument(span).await
 }
 
-async fn run<S>(shared: Arc<Shared>, conn_id: u64, stream: S, peer: String, kind: StreamKind)
+async fn run<S>(shared: Arc<Shared>, conn_id: u64, stream: S, peer: String, via: String, kind: StreamKind)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -82,8 +83,11 @@ where
     let decoder = FrameDecoder::new(shared.max_payload).resynchronising(kind == StreamKind::Serial);
     let serial = kind == StreamKind::Serial;
     let mut reader = Reader::new(rd, decoder, serial, shared.budget.clone(), shared.message_deadline);
-    let sources =
-        Arc::new(FrameSources::new(shared.shm.clone(), shared.resolver.as_ref(), Peer { conn_id, addr: &peer }));
+    let sources = Arc::new(FrameSources::new(
+        shared.shm.clone(),
+        shared.resolver.as_ref(),
+        Peer { conn_id, addr: &peer, via: &via },
+    ));
     let mut conn = Conn { shared, conn_id, peer, sources, sessions: HashMap::new(), out: out_tx, epoch };
 
     let mut clean_eof = false;

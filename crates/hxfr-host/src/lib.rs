@@ -165,24 +165,30 @@ struct Acceptor {
 }
 
 impl Acceptor {
-    fn serve<S>(&self, stream: S, peer: String, kind: StreamKind) -> impl Future<Output = ()> + Send + 'static
+    fn serve<S>(
+        &self,
+        stream: S,
+        peer: String,
+        via: String,
+        kind: StreamKind,
+    ) -> impl Future<Output = ()> + Send + 'static
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        conn::serve(self.conns.clone(), id, stream, peer, kind)
+        conn::serve(self.conns.clone(), id, stream, peer, via, kind)
     }
 
     /// Serves an accepted guest in a slot of its own, or, with every slot
     /// taken, answers ERROR and closes.
-    fn admit<S>(&self, stream: S, peer: String)
+    fn admit<S>(&self, stream: S, peer: String, via: &str)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return self.refuse(stream, peer);
         };
-        let conn = self.serve(stream, peer, StreamKind::Socket);
+        let conn = self.serve(stream, peer, via.to_owned(), StreamKind::Socket);
         tokio::spawn(async move {
             conn.await;
             drop(slot);
@@ -393,18 +399,21 @@ fn is_socket(m: &std::fs::Metadata) -> bool {
 }
 
 async fn accept_loop(acceptor: Arc<Acceptor>, listener: Listener) {
+    let via = listener.local_addr().to_string();
     loop {
         // Accept at once, also at the limit: a guest over it is told so,
         // rather than left unanswered in the kernel's backlog.
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
                 let _ = s.set_nodelay(true);
-                acceptor.admit(s, format!("tcp:{a}"))
+                acceptor.admit(s, format!("tcp:{a}"), &via)
             }),
-            Listener::Unix(l, p) => l.accept().await.map(|(s, _)| acceptor.admit(s, format!("unix:{}", p.display()))),
+            Listener::Unix(l, p) => {
+                l.accept().await.map(|(s, _)| acceptor.admit(s, format!("unix:{}", p.display()), &via))
+            }
             #[cfg(target_os = "linux")]
             Listener::Vsock(l, _) => {
-                l.accept().await.map(|(s, a)| acceptor.admit(s, format!("vsock:{}:{}", a.cid(), a.port())))
+                l.accept().await.map(|(s, a)| acceptor.admit(s, format!("vsock:{}:{}", a.cid(), a.port()), &via))
             }
         };
         if let Err(e) = accepted {
@@ -423,7 +432,8 @@ async fn connect_loop(acceptor: Arc<Acceptor>, path: PathBuf) {
             Ok(s) => {
                 backoff = Duration::from_millis(100);
                 let peer = format!("serial:{}", path.display());
-                acceptor.serve(s, peer, StreamKind::Serial).await;
+                let via = format!("unix:{}", path.display());
+                acceptor.serve(s, peer, via, StreamKind::Serial).await;
             }
             Err(e) => {
                 if backoff >= Duration::from_secs(5) {

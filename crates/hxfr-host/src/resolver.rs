@@ -42,6 +42,11 @@ pub struct Peer<'a> {
     pub conn_id: u64,
     /// Where it came from: `vsock:CID:PORT`, `tcp:ADDR`, `unix:PATH`, `serial:PATH`.
     pub addr: &'a str,
+    /// How it reached the host: the listener's address as `--listen` names
+    /// it (`tcp:127.0.0.1:15937`, `unix:PATH`, `vsock:PORT`) or the
+    /// `--connect` socket (`unix:PATH`). A host serving several VMs tells
+    /// them apart by this.
+    pub via: &'a str,
 }
 
 /// Maps a virtio-gpu resource id to its pixels. A VMM that owns the guest's

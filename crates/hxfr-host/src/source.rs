@@ -193,7 +193,7 @@ mod tests {
 
     fn sources(resolver: Arc<MemoryResolver>) -> FrameSources {
         let r: Arc<dyn ResourceResolver> = resolver;
-        FrameSources::new(None, Some(&r), Peer { conn_id: 1, addr: "test" })
+        FrameSources::new(None, Some(&r), Peer { conn_id: 1, addr: "test", via: "test" })
     }
 
     #[test]

@@ -42,6 +42,17 @@ struct Args {
     /// resource mode finds for it (`HXFR-GPU-RESOURCE id=N`).
     #[arg(long, value_name = "WxH")]
     gpu_resource: Option<Size>,
+    /// Resource mode: draw each frame into a dumb buffer on the virtio-gpu
+    /// card and send only its resource id (the host reads the pixels from
+    /// the buffer's backing pages). One frame in flight: the guest draws the
+    /// next picture only when the last is answered.
+    #[arg(long)]
+    resource: bool,
+    /// With --resource: half-way through, also send three requests the host
+    /// must refuse (an id that does not exist, the buffer at the wrong size,
+    /// and a buffer freed just before) and count their ERRORs in `errors=`.
+    #[arg(long, requires = "resource")]
+    resource_faults: bool,
     #[arg(long, default_value_t = 30)]
     frames: u32,
     #[arg(long, default_value = "320x240")]
@@ -122,13 +133,15 @@ fn main() -> ExitCode {
             }
         };
     }
-    match run(&args) {
+    let result = if args.resource { run_resource(&args) } else { run(&args) };
+    let faults = if args.resource_faults { 3 } else { 0 };
+    match result {
         Ok(t) => {
             println!(
                 "HXFR-VMGUEST-RESULT frames={} answered={} errors={} order_errors={} reconnects={} keyframes={} bytes={}",
                 args.frames, t.answered, t.errors, t.order_errors, t.reconnects, t.keyframes, t.bytes
             );
-            if t.answered == args.frames && t.errors == 0 && t.order_errors == 0 {
+            if t.answered == args.frames && t.errors == faults && t.order_errors == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -142,11 +155,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// The guest half of zero copy, without GStreamer: a scanout-like buffer on
-/// the virtio-gpu card, and the resource id found for its DMA-BUF the way
-/// vsockenc finds it (render node by vendor, PRIME import, RESOURCE_INFO).
-fn gpu_resource(size: Size) -> Result<u32, String> {
-    let (w, h) = (size.width, size.height);
+/// The virtio-gpu card (the primary node, which can make dumb buffers).
+fn virtio_card() -> Result<PathBuf, String> {
     let class = Path::new("/sys/class/drm");
     let card = std::fs::read_dir(class)
         .map_err(|e| format!("{}: {e}", class.display()))?
@@ -155,11 +165,132 @@ fn gpu_resource(size: Size) -> Result<u32, String> {
         .filter(|n| n.starts_with("card") && !n.contains('-'))
         .find(|n| std::fs::read_to_string(class.join(n).join("device/vendor")).is_ok_and(|v| v.trim() == "0x1af4"))
         .ok_or("no virtio-gpu card in /sys/class/drm")?;
-    let dmabuf = drm::create_dumb_dmabuf(&Path::new("/dev/dri").join(&card), w, h).map_err(|e| e.to_string())?;
-    let node = drm::find_render_node(class, Path::new("/dev/dri")).map_err(|e| e.to_string())?;
+    Ok(Path::new("/dev/dri").join(card))
+}
+
+/// A dumb buffer and its resource id, found as vsockenc finds it.
+fn gpu_buffer(card: &Path, gpu: &drm::VirtioGpu, w: u32, h: u32) -> Result<(drm::DumbBuffer, u32), String> {
+    let buf = drm::DumbBuffer::create(card, w, h).map_err(|e| e.to_string())?;
+    let dmabuf = buf.export().map_err(|e| e.to_string())?;
+    let id = gpu.resource_id(std::os::fd::AsRawFd::as_raw_fd(&dmabuf)).map_err(|e| e.to_string())?;
+    Ok((buf, id))
+}
+
+/// Resource mode (`--resource`): frames drawn into a dumb buffer, named by
+/// id. Each request is answered before the next picture is drawn, since
+/// the host reads the buffer when it encodes, not when the request arrives.
+fn run_resource(args: &Args) -> Result<Tally, String> {
+    let host = args.host.clone().ok_or("--host is needed")?;
+    let (w, h) = (args.size.width, args.size.height);
+    let card = virtio_card()?;
+    let node = drm::find_render_node(Path::new("/sys/class/drm"), Path::new("/dev/dri")).map_err(|e| e.to_string())?;
     let gpu = drm::VirtioGpu::open(&node).map_err(|e| e.to_string())?;
-    log(format!("{w}x{h} dumb buffer on /dev/dri/{card}, imported on {}", node.display()));
-    gpu.resource_id(std::os::fd::AsRawFd::as_raw_fd(&dmabuf)).map_err(|e| e.to_string())
+    let (buf, id) = gpu_buffer(&card, &gpu, w, h)?;
+    let mut map = buf.map().map_err(|e| e.to_string())?;
+    log(format!("{w}x{h} dumb buffer on {}, pitch {}, resource {id}", card.display(), buf.pitch));
+    let mut out = match &args.out {
+        Some(p) => Some(File::create(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    let reply = Duration::from_secs(args.reply_timeout);
+    let config = client::Config {
+        session_id: 1,
+        connect_timeout: Duration::from_secs(5),
+        reply_timeout: reply,
+        max_in_flight: 1,
+        hello: Some(HelloConfig { features: 0, timeout: Duration::from_secs(3) }),
+        ..client::Config::new(host)
+    };
+    let (events_tx, events) = mpsc::channel::<Event<u32>>();
+    let deadline = Instant::now() + Duration::from_secs(args.deadline);
+    let mut client = loop {
+        match Client::connect(config.clone(), Arc::new(events_tx.clone())) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                log(&e);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    client.ensure().map_err(|e| format!("HELLO: {e}"))?;
+    let ask = |client: &mut Client<u32>, tag: u32, req: FrameRequest| -> Result<Answer, String> {
+        let packet = Packet::new(1, Message::FrameRequest(req.timed(tag as i64, 33_333_333)));
+        client.send(tag, None, &packet).map_err(|e| format!("send: {e}"))?;
+        loop {
+            match events.recv_timeout(reply).map_err(|_| format!("no answer to request {tag} in {reply:?}"))? {
+                Event::Answered { pending, answer } if pending.tag == tag => return Ok(answer),
+                Event::Lost { why, .. } => return Err(format!("request {tag} lost: {why:?}")),
+                _ => {}
+            }
+        }
+    };
+    let mut t = Tally::default();
+    let pitch = buf.pitch;
+    for i in 0..args.frames {
+        if args.resource_faults && i == args.frames / 2 {
+            // Each is refused, and the stream goes on after it.
+            let (freed_buf, freed) = gpu_buffer(&card, &gpu, w, h)?;
+            // The last reference: the kernel queues RESOURCE_UNREF and kicks
+            // the device before this thread goes on to send the request, so
+            // the device has it long before the request crosses QEMU.
+            drop(freed_buf);
+            let faults = [
+                ("an id that does not exist", FrameRequest::resource(0x7fff_fff0, PixelFormat::Bgrx, w, h, pitch)),
+                ("the wrong size", FrameRequest::resource(id, PixelFormat::Bgrx, w / 2, h / 2, pitch)),
+                ("a freed buffer", FrameRequest::resource(freed, PixelFormat::Bgrx, w, h, pitch)),
+            ];
+            for (k, (what, req)) in faults.into_iter().enumerate() {
+                match ask(&mut client, 1_000_000 + k as u32, req)? {
+                    Answer::Error { code, message } => {
+                        log(format!("{what}: ERROR {code}: {message}"));
+                        t.errors += 1;
+                    }
+                    Answer::Frame(_) => log(format!("{what}: the host encoded it")),
+                }
+            }
+        }
+        let px = pattern_bgrx(Content::Motion, w, h, pitch as usize, i);
+        map[..px.len()].copy_from_slice(&px);
+        match ask(&mut client, i, FrameRequest::resource(id, PixelFormat::Bgrx, w, h, pitch))? {
+            Answer::Frame(r) => {
+                if r.pts != i as i64 {
+                    t.order_errors += 1;
+                }
+                let au = r.to_annex_b();
+                t.keyframes += r.is_keyframe as u32;
+                t.bytes += au.len() as u64;
+                if let Some(o) = out.as_mut() {
+                    write_record(o, i, &au).map_err(|e| format!("--out: {e}"))?;
+                }
+                t.answered += 1;
+            }
+            Answer::Error { code, message } => {
+                log(format!("host refused frame {i}: ERROR {code}: {message}"));
+                t.errors += 1;
+            }
+        }
+        if (i + 1).is_multiple_of(10) {
+            log(format!("{} of {} frames answered", i + 1, args.frames));
+        }
+    }
+    if let Some(o) = out.as_mut() {
+        o.flush().map_err(|e| format!("--out: {e}"))?;
+    }
+    Ok(t)
+}
+
+/// The guest half of zero copy, without GStreamer: a scanout-like buffer on
+/// the virtio-gpu card, and the resource id found for its DMA-BUF the way
+/// vsockenc finds it (render node by vendor, PRIME import, RESOURCE_INFO).
+fn gpu_resource(size: Size) -> Result<u32, String> {
+    let (w, h) = (size.width, size.height);
+    let card = virtio_card()?;
+    let node = drm::find_render_node(Path::new("/sys/class/drm"), Path::new("/dev/dri")).map_err(|e| e.to_string())?;
+    let gpu = drm::VirtioGpu::open(&node).map_err(|e| e.to_string())?;
+    let (_buf, id) = gpu_buffer(&card, &gpu, w, h)?;
+    log(format!("{w}x{h} dumb buffer on {}, imported on {}", card.display(), node.display()));
+    Ok(id)
 }
 
 /// Which conversation a frame was sent in: answers from one a restart

@@ -150,6 +150,17 @@ impl Qemu {
         self
     }
 
+    /// A virtio-gpu device served by a vhost-user-gpu backend (`hxfr host
+    /// --vhost-user-gpu`) listening on `socket`. 2D only: the backend
+    /// offers neither VIRGL nor BLOB, so the guest's dumb buffers are plain
+    /// resources with backing pages in guest RAM, which the backend maps.
+    pub fn vhost_user_gpu(mut self, socket: &Path) -> Qemu {
+        self.shared_memory = true;
+        self.arg("-chardev", format!("socket,id=vhgpu,path={}", socket.display()));
+        self.arg("-device", "vhost-user-gpu-pci,chardev=vhgpu".into());
+        self
+    }
+
     /// The arguments after `qemu-system-x86_64`, for a guest running `cmd`.
     pub fn command_line(&self, cmd: &str) -> Vec<String> {
         let accel = std::env::var("HXFR_VM_ACCEL").unwrap_or_else(|_| "tcg".into());
