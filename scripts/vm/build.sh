@@ -8,6 +8,8 @@
 #   gst.cpio.gz        the same plus GStreamer 1.22 from this machine's Debian packages
 #                      (gst-launch-1.0, the plugins a test pipeline needs, their
 #                      libraries) and our libgstvsockenc.so
+#   gst-gpu.cpio.gz    the same on the generic kernel's virtio-gpu modules, with
+#                      the dmabuf_frames example (vsockenc fed DMA-BUFs)
 #   bin/vhost-device-vsock   rust-vmm's vhost-user vsock backend (cargo install)
 # Needs the Debian packages from scripts/install-deps.sh.
 set -euo pipefail
@@ -96,30 +98,45 @@ pack "$VM/gpuroot" "$VM/gpu.cpio.gz"
 # The GStreamer guest: this machine's own GStreamer (Debian's 1.22 packages)
 # and exactly the libraries it loads, copied with their paths. Lighter and
 # faster than a debootstrap root, and the same bits the element is tested with.
-log "building libgstvsockenc.so"
-$CARGO build --release --locked -q -p gst-vsockenc
+log "building libgstvsockenc.so and the DMA-BUF frame source"
+$CARGO build --release --locked -q -p gst-vsockenc --lib --example dmabuf_frames
 GST_LIBDIR=$(pkg-config --variable=pluginsdir gstreamer-1.0)
-PLUGINS="coreelements videotestsrc videoconvertscale videoparsersbad"
-GROOT="$VM/gstroot"
-base_root "$GROOT" "$VM/kernel" "$KVER" "$MODS"
-mkdir -p "$GROOT/gst"
+PLUGINS="coreelements videotestsrc videoconvertscale videoparsersbad app"
 files=(/usr/bin/gst-launch-1.0 /usr/bin/gst-inspect-1.0 target/release/libgstvsockenc.so)
 for p in $PLUGINS; do files+=("$GST_LIBDIR/libgst$p.so"); done
+# copy_with_libs ROOT FILE DEST: FILE and the libraries it loads, at their paths.
 copy_with_libs() {
-    local f=$1 dest=$2
+    local root=$1 f=$2 dest=$3
     install -D -m 755 "$f" "$dest"
     ldd "$f" | awk '/=> \// { print $3 } /^\s*\/lib/ { print $1 }' | while read -r lib; do
-        [ -e "$GROOT$lib" ] || install -D -m 755 "$lib" "$GROOT$lib"
+        [ -e "$root$lib" ] || install -D -m 755 "$lib" "$root$lib"
     done
 }
-for f in "${files[@]}"; do
-    case $f in
-        *.so) copy_with_libs "$f" "$GROOT/gst/${f##*/}" ;;
-        *) copy_with_libs "$f" "$GROOT$f" ;;
-    esac
-done
-# The dynamic loader at the path binaries name.
-install -D -m 755 /lib64/ld-linux-x86-64.so.2 "$GROOT/lib64/ld-linux-x86-64.so.2"
+# add_gstreamer ROOT [EXTRA_BINARY...]: GStreamer, vsockenc and the binaries into ROOT.
+add_gstreamer() {
+    local root=$1
+    shift
+    mkdir -p "$root/gst"
+    for f in "${files[@]}" "$@"; do
+        case $f in
+            *.so) copy_with_libs "$root" "$f" "$root/gst/${f##*/}" ;;
+            /usr/*) copy_with_libs "$root" "$f" "$root$f" ;;
+            *) copy_with_libs "$root" "$f" "$root/bin/${f##*/}" ;;
+        esac
+    done
+    # The dynamic loader at the path binaries name.
+    install -D -m 755 /lib64/ld-linux-x86-64.so.2 "$root/lib64/ld-linux-x86-64.so.2"
+}
+GROOT="$VM/gstroot"
+base_root "$GROOT" "$VM/kernel" "$KVER" "$MODS"
+add_gstreamer "$GROOT"
 log "packing gst.cpio.gz"
 pack "$GROOT" "$VM/gst.cpio.gz"
+
+# The GStreamer guest on the generic kernel with virtio-gpu: vsockenc fed
+# DMA-BUFs of dumb buffers (resource mode), by the dmabuf_frames example.
+log "packing gst-gpu.cpio.gz"
+base_root "$VM/gstgpuroot" "$VM/kernel-generic" "$GVER" "$GPU_MODS"
+add_gstreamer "$VM/gstgpuroot" target/release/examples/dmabuf_frames
+pack "$VM/gstgpuroot" "$VM/gst-gpu.cpio.gz"
 ls -la "$VM"/vmlinuz* "$VM"/*.cpio.gz >&2

@@ -32,6 +32,9 @@ pub struct Image {
     /// Debian's generic kernel (with DRM) and an initramfs with its virtio-gpu modules.
     pub generic_kernel: PathBuf,
     pub gpu: PathBuf,
+    /// GStreamer and vsockenc on the generic kernel, with `dmabuf_frames`
+    /// (vsockenc fed DMA-BUFs of dumb buffers).
+    pub gst_gpu: PathBuf,
     pub vhost_vsock: PathBuf,
 }
 
@@ -47,10 +50,11 @@ impl Image {
             gst: dir.join("gst.cpio.gz"),
             generic_kernel: dir.join("vmlinuz-generic"),
             gpu: dir.join("gpu.cpio.gz"),
+            gst_gpu: dir.join("gst-gpu.cpio.gz"),
             vhost_vsock: dir.join("bin/vhost-device-vsock"),
             dir,
         };
-        for f in [&img.kernel, &img.guest, &img.gst, &img.generic_kernel, &img.gpu, &img.vhost_vsock] {
+        for f in [&img.kernel, &img.guest, &img.gst, &img.generic_kernel, &img.gpu, &img.gst_gpu, &img.vhost_vsock] {
             assert!(
                 f.exists(),
                 "{} is missing: build the VM image with `bash scripts/vm/build.sh` (make vm-test does)",
