@@ -35,17 +35,20 @@
 //!
 //! # Modules
 //! [`protocol`] decodes requests and encodes responses; [`resources`] is the
-//! resource table; [`device`] carries out commands; [`edid`] makes an EDID
+//! resource table; [`device`] carries out commands; [`pixels`] reads a
+//! resource's pixels by id from other threads; [`edid`] makes an EDID
 //! when QEMU is not there to.
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 pub mod device;
 pub mod edid;
+pub mod pixels;
 pub mod protocol;
 pub mod resources;
 
 pub use device::{Config, Device, Display, NoDisplay, Observer, ScanoutEvent};
+pub use pixels::{ResourcePixels, Resources, SharedMemory, SnapshotError};
 pub use resources::{Format, GpuError, Limits};
 
 // Used from phase 3 on (the vhost-user backend).
