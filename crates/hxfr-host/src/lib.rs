@@ -13,7 +13,8 @@
 //! reader) → `session` (one stream: its encoder and its answers, in order).
 //! Each hands the next only the parts it uses. Below them sit leaves:
 //! `source` (the one seam for the three places a frame's pixels can be),
-//! `resolver` (resource id → pixels), `shm`, `budget`
+//! `resolver` (resource id → pixels, per VM; `gpu` adapts the host's own
+//! virtio-gpu device to it), `shm`, `budget`
 //! (`--max-buffered-mib`), `encoder` (caps on live encoders), `memory`,
 //! `stats`, `addr`.
 
@@ -23,6 +24,8 @@ mod addr;
 mod budget;
 mod conn;
 mod encoder;
+#[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
+pub mod gpu;
 mod memory;
 mod reader;
 mod resolver;
@@ -52,7 +55,7 @@ pub use budget::BufferGauge;
 pub use conn::StreamKind;
 pub use encoder::EncoderGauge;
 pub use reader::MessageDeadline;
-pub use resolver::{MemoryResolver, Peer, ResolveError, Resolved, ResourceResolver};
+pub use resolver::{MemoryResolver, Peer, ResolveError, Resolved, ResourceResolver, VmResolvers};
 pub use shm::ShmRegion;
 pub use stats::{SessionInfo, Snapshot, StatsRegistry};
 
@@ -331,11 +334,17 @@ impl Host {
 
     /// Binds a listener (needs a tokio runtime).
     pub async fn bind(&self, addr: &ListenAddr) -> Result<Listener, HostError> {
+        Host::bind_addr(addr, self.allow_remote).await
+    }
+
+    /// Binds a listener before there is a host (whose resolver may need to
+    /// know the bound addresses): `allow_remote` as in [`HostConfig`].
+    pub async fn bind_addr(addr: &ListenAddr, allow_remote: bool) -> Result<Listener, HostError> {
         let err = |source| HostError::Listen { addr: addr.to_string(), source };
         match addr {
             ListenAddr::Tcp(a) => {
                 if addr.is_remote() {
-                    if !self.allow_remote {
+                    if !allow_remote {
                         return Err(HostError::RemoteNotAllowed(addr.to_string()));
                     }
                     warn!("listening on {addr}: anyone who can reach it can send frames and read the video back");

@@ -92,3 +92,101 @@ impl ResourceResolver for MemoryResolver {
         self.resources.lock().unwrap().get(&resource_id).cloned().ok_or(ResolveError::NotFound(resource_id))
     }
 }
+
+/// Several VMs' resolvers, each connection scoped to its own VM's: a
+/// connection that came through a listener or `--connect` socket bound to a
+/// VM resolves ids in that VM only; with one VM and no bindings, every
+/// connection belongs to it. A connection bound to no VM resolves nothing
+/// (ERROR -2 saying so), so one VM can never name another's resources.
+pub struct VmResolvers {
+    vms: Vec<(String, Arc<dyn ResourceResolver>)>,
+    /// `Peer::via` → index into `vms`.
+    bindings: HashMap<String, usize>,
+}
+
+impl VmResolvers {
+    /// `vms`: each VM's name and resolver.
+    pub fn new(vms: Vec<(String, Arc<dyn ResourceResolver>)>) -> VmResolvers {
+        VmResolvers { vms, bindings: HashMap::new() }
+    }
+
+    /// Connections that come through `via` (a listen address as `--listen`
+    /// names it, or `unix:PATH` of a `--connect` socket) belong to VM `name`.
+    pub fn bind(&mut self, via: String, name: &str) -> Result<(), String> {
+        let i = self.vms.iter().position(|(n, _)| n == name).ok_or_else(|| {
+            let known: Vec<&str> = self.vms.iter().map(|(n, _)| n.as_str()).collect();
+            format!("{via} is bound to VM {name:?}, which has no --vhost-user-gpu (known: {known:?})")
+        })?;
+        self.bindings.insert(via, i);
+        Ok(())
+    }
+}
+
+/// What a connection bound to no VM resolves: nothing.
+struct Unbound(String);
+
+impl ResourceResolver for Unbound {
+    fn resolve(&self, resource_id: u32) -> Result<Resolved, ResolveError> {
+        Err(ResolveError::Unusable { id: resource_id, why: self.0.clone() })
+    }
+}
+
+impl ResourceResolver for VmResolvers {
+    fn resolve(&self, resource_id: u32) -> Result<Resolved, ResolveError> {
+        // Only reached unscoped, which `scope` never leaves a connection.
+        Err(ResolveError::NotFound(resource_id))
+    }
+
+    fn scope(&self, peer: Peer<'_>) -> Option<Arc<dyn ResourceResolver>> {
+        let vm = match self.bindings.get(peer.via) {
+            Some(&i) => Some(i),
+            None if self.bindings.is_empty() && self.vms.len() == 1 => Some(0),
+            None => None,
+        };
+        Some(match vm {
+            Some(i) => self.vms[i].1.clone(),
+            None => Arc::new(Unbound(format!(
+                "{} came through {}, which is bound to no VM's GPU (give --listen/--connect as NAME@ADDR)",
+                peer.addr, peer.via
+            ))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hxfr_proto::PixelFormat;
+
+    fn vm_with(id: u32) -> Arc<dyn ResourceResolver> {
+        let m = MemoryResolver::default();
+        let layout = Layout::inline(PixelFormat::Bgrx, 2, 2, 8);
+        m.insert(id, Resolved { data: Bytes::from(vec![0u8; 16]), layout });
+        Arc::new(m)
+    }
+
+    fn peer(via: &str) -> Peer<'_> {
+        Peer { conn_id: 1, addr: "tcp:127.0.0.1:5", via }
+    }
+
+    #[test]
+    fn one_vm_without_bindings_serves_every_connection() {
+        let r = VmResolvers::new(vec![("vm1".into(), vm_with(7))]);
+        assert!(r.scope(peer("tcp:127.0.0.1:15937")).unwrap().resolve(7).is_ok());
+    }
+
+    #[test]
+    fn each_connection_sees_only_its_own_vms_resources() {
+        let mut r = VmResolvers::new(vec![("a".into(), vm_with(1)), ("b".into(), vm_with(2))]);
+        r.bind("unix:/run/a.sock".into(), "a").unwrap();
+        r.bind("vsock:5000".into(), "b").unwrap();
+        let a = r.scope(peer("unix:/run/a.sock")).unwrap();
+        let b = r.scope(peer("vsock:5000")).unwrap();
+        assert!(a.resolve(1).is_ok() && b.resolve(2).is_ok());
+        assert!(matches!(a.resolve(2), Err(ResolveError::NotFound(2))), "a cannot see b's resource 2");
+        assert!(matches!(b.resolve(1), Err(ResolveError::NotFound(1))));
+        let stray = r.scope(peer("tcp:127.0.0.1:15937")).unwrap().resolve(1).unwrap_err().to_string();
+        assert!(stray.contains("bound to no VM"), "{stray}");
+        assert!(r.bind("x".into(), "c").unwrap_err().contains("no --vhost-user-gpu"));
+    }
+}

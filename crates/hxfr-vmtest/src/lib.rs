@@ -11,9 +11,11 @@
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -432,5 +434,70 @@ mod tests {
         assert_eq!(aus[0].len(), 4 * 7);
         assert_eq!(aus[1].len(), 2 * 7);
         assert_eq!(aus[2].len(), 2 * 7);
+    }
+}
+
+/// A UNIX-socket relay that counts the bytes going each way: put between a
+/// guest's transport and the host to measure what crosses the socket.
+/// Connections accepted on `listen` are forwarded to `target` (a connection
+/// that cannot reach it is closed, and its peer retries).
+pub struct CountingRelay {
+    /// Bytes from the side that connected to `listen` towards `target`.
+    pub forward: Arc<AtomicU64>,
+    /// Bytes back.
+    pub back: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    listen: PathBuf,
+}
+
+impl CountingRelay {
+    pub fn start(listen: &Path, target: &Path) -> CountingRelay {
+        let l = UnixListener::bind(listen).unwrap_or_else(|e| panic!("relay on {}: {e}", listen.display()));
+        l.set_nonblocking(true).unwrap();
+        let (forward, back, stop) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (f, b, s, target) = (forward.clone(), back.clone(), stop.clone(), target.to_owned());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = UnixStream::connect(&target) else { continue };
+                        let pipe = |mut from: UnixStream, mut to: UnixStream, n: Arc<AtomicU64>| {
+                            std::thread::spawn(move || {
+                                let mut buf = vec![0u8; 1 << 16];
+                                loop {
+                                    match from.read(&mut buf) {
+                                        Ok(0) | Err(_) => break,
+                                        Ok(k) => {
+                                            n.fetch_add(k as u64, Ordering::Relaxed);
+                                            if to.write_all(&buf[..k]).is_err() {
+                                                break;
+                                            }
+                                        }
+                                    }
+                                }
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                            });
+                        };
+                        pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), f.clone());
+                        pipe(server, client, b.clone());
+                    }
+                    // Polls so that dropping the relay ends this thread.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        CountingRelay { forward, back, stop, listen: listen.to_owned() }
+    }
+}
+
+impl Drop for CountingRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.listen);
     }
 }

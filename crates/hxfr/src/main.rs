@@ -6,6 +6,7 @@
 mod bridge;
 #[cfg(feature = "gstreamer")]
 mod demo;
+mod gpu;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,13 +47,21 @@ enum Command {
 struct HostArgs {
     /// Where to listen: tcp:HOST:PORT, unix:PATH, vsock:PORT. Repeatable.
     /// [default: tcp:127.0.0.1:15937, where QEMU user networking sends a
-    /// guest's 10.0.2.2:15937]
-    #[arg(long = "listen", value_name = "ADDR")]
-    listen: Vec<ListenAddr>,
+    /// guest's 10.0.2.2:15937]. With several --vhost-user-gpu VMs, NAME@ADDR
+    /// says whose guests come through it.
+    #[arg(long = "listen", value_name = "[NAME@]ADDR")]
+    listen: Vec<String>,
     /// Connect to a QEMU chardev socket (unix:PATH) behind a virtio-serial
     /// port such as com.helix.frame-export; reconnects when the VM restarts.
-    #[arg(long = "connect", value_name = "unix:PATH")]
+    /// NAME@unix:PATH binds it to a --vhost-user-gpu VM.
+    #[arg(long = "connect", value_name = "[NAME@]unix:PATH")]
     connect: Vec<String>,
+    /// Be a VM's GPU: serve QEMU's vhost-user-gpu-pci on this UNIX socket
+    /// (one per VM, repeatable; NAME= names the VM for NAME@ bindings).
+    /// Frames its guests name by virtio-gpu resource id are read from its
+    /// resources. Linux only.
+    #[arg(long = "vhost-user-gpu", value_name = "[NAME=]PATH")]
+    vhost_user_gpu: Vec<String>,
     /// auto (hardware first: VideoToolbox on macOS, GStreamer elements
     /// elsewhere; then x264), videotoolbox, x264, or gst:ELEMENT.
     #[arg(long, default_value = "auto")]
@@ -143,12 +152,27 @@ fn host(a: HostArgs) -> Result<()> {
     if a.max_payload_mib == 0 || a.max_payload_mib > 1024 {
         bail!("--max-payload-mib must be between 1 and 1024");
     }
-    let connect = a
-        .connect
-        .iter()
-        .map(|c| c.strip_prefix("unix:").map(PathBuf::from).context("--connect takes unix:PATH"))
-        .collect::<Result<Vec<_>>>()?;
-    let mut listen = a.listen;
+    let gpus = gpu::parse_devices(&a.vhost_user_gpu)?;
+    let vm_names: Vec<&str> = gpus.iter().map(|g| g.name.as_str()).collect();
+    let mut connect = Vec::new();
+    let mut bindings = Vec::new();
+    for c in &a.connect {
+        let (vm, addr) = gpu::split_vm(c, &vm_names);
+        let path = addr.strip_prefix("unix:").map(PathBuf::from).context("--connect takes unix:PATH")?;
+        if let Some(vm) = vm {
+            bindings.push((gpu::Via::Connect(path.clone()), vm.to_owned()));
+        }
+        connect.push(path);
+    }
+    let mut listen = Vec::new();
+    for l in &a.listen {
+        let (vm, addr) = gpu::split_vm(l, &vm_names);
+        let addr: ListenAddr = addr.parse().map_err(|e| anyhow::anyhow!("--listen {l}: {e}"))?;
+        if let Some(vm) = vm {
+            bindings.push((gpu::Via::Listen(listen.len()), vm.to_owned()));
+        }
+        listen.push(addr);
+    }
     if listen.is_empty() && connect.is_empty() {
         listen.push(ListenAddr::default());
     }
@@ -168,24 +192,28 @@ fn host(a: HostArgs) -> Result<()> {
             ..Limits::default()
         },
         shm_path: a.shm,
-        resolver: None,
+        resolver: None, // set below, once listeners are bound
         stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
         allow_remote: a.allow_remote,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let host = hxfr_host::Host::new(config)?;
-        info!("encoder: {}", host.encoder());
         let mut listeners = Vec::new();
         for l in &listen {
-            listeners.push(host.bind(l).await?);
+            listeners.push(hxfr_host::Host::bind_addr(l, config.allow_remote).await?);
         }
+        let vias: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
+        let mut config = config;
+        config.resolver = gpu::start(&gpus, &bindings, &vias)?;
+        let host = hxfr_host::Host::new(config)?;
+        info!("encoder: {}", host.encoder());
         let stats = host.stats();
         host.serve(listeners, connect, async {
             let _ = tokio::signal::ctrl_c().await;
             info!("stopping");
         })
         .await;
+        gpu::cleanup(&gpus);
         for s in stats.snapshots() {
             info!("final: {s}");
         }
