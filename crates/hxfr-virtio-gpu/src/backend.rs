@@ -256,9 +256,16 @@ impl Display for QemuDisplay {
 struct Backend {
     device: Mutex<Device>,
     table: Arc<Mutex<ResourceTable>>,
-    mem: SharedMemory,
+    /// This connection's guest memory, for its queues.
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    /// The device's, for readers; cleared when the connection ends (a
+    /// worker of an old connection still winding down keeps using `mem`).
+    shared_mem: SharedMemory,
     link: Arc<Mutex<QemuLink>>,
     event_idx: AtomicBool,
+    /// The device was (re)started (SET_FEATURES) and its control queue has
+    /// not been looked at since.
+    started: AtomicBool,
     exit: EventFd,
     num_scanouts: u32,
     /// Longest request read from a descriptor chain: an ATTACH_BACKING
@@ -280,13 +287,24 @@ impl Backend {
         Ok(Backend {
             device: Mutex::new(device),
             table: dev.table.clone(),
-            mem: dev.mem.clone(),
+            mem: RwLock::new(None),
+            shared_mem: dev.mem.clone(),
             link,
             event_idx: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             exit: EventFd::new(EFD_NONBLOCK).map_err(ServeError::EventFd)?,
             num_scanouts: lock(&dev.table).limits().num_scanouts,
             max_request: HDR_SIZE + 8 + dev.config.limits.max_entries as usize * MEM_ENTRY_SIZE,
         })
+    }
+
+    /// Whether the first control-queue work after a (re)start comes from a
+    /// new driver: QEMU restores a resumed device's ring position with
+    /// SET_VRING_BASE, and a reset device's position is 0. (A resumed device
+    /// whose u16 position wrapped to exactly 0 would be taken for a new
+    /// driver: a 1-in-65536 chance per resume, costing the guest its display.)
+    fn driver_restarted(&self, next_avail: u16) -> bool {
+        self.started.swap(false, Ordering::Relaxed) && next_avail == 0
     }
 
     /// Answers every request waiting on `vring`. Problems the guest causes
@@ -363,12 +381,12 @@ impl VhostUserBackend for Backend {
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
-    /// SET_FEATURES comes each time QEMU starts the device for a driver
-    /// (boot, reboot, driver reload): resources of an earlier driver are
-    /// gone, and their ids will be reused.
+    /// SET_FEATURES comes each time QEMU starts the device: for a new
+    /// driver (boot, reboot, reload) but also when a paused VM resumes.
+    /// Which one it was shows on the control queue (see `driver_restarted`).
     fn acked_features(&self, features: u64) {
-        debug!("virtio-gpu: features {features:#x} acked; the device starts empty");
-        lock(&self.table).clear();
+        debug!("virtio-gpu: features {features:#x} acked");
+        self.started.store(true, Ordering::Relaxed);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -389,6 +407,7 @@ impl VhostUserBackend for Backend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.shared_mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem.clone());
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }
@@ -414,6 +433,10 @@ impl VhostUserBackend for Backend {
         let Some(vring) = vrings.get(device_event as usize) else {
             return Err(io::Error::other(format!("virtio-gpu: unknown event {device_event}")));
         };
+        if device_event == CONTROL_QUEUE && self.driver_restarted(vring.queue_next_avail()) {
+            info!("virtio-gpu: the guest's driver started over; forgetting its resources");
+            lock(&self.table).clear();
+        }
         if self.event_idx.load(Ordering::Relaxed) {
             // With EVENT_IDX the driver is not notified again for requests
             // that arrive while we work: keep going until the queue is
@@ -510,8 +533,15 @@ mod tests {
         let px = dev.snapshot(1).unwrap();
         assert!(px.is_zero_copy());
         assert_eq!(&px[..4], &[9; 4]);
-        // A new driver (SET_FEATURES) starts with no resources.
+        // A resumed VM keeps its resources, a new driver starts with none.
         backend.acked_features(backend.features());
+        assert!(!backend.driver_restarted(17));
+        assert!(!backend.driver_restarted(0), "asked once per start");
+        backend.acked_features(backend.features());
+        let vrings = [VringRwLock::new(mem.clone(), 16).unwrap(), VringRwLock::new(mem.clone(), 16).unwrap()];
+        backend.handle_event(CURSOR_QUEUE, EventSet::IN, &vrings, 0).unwrap();
+        assert!(dev.snapshot(1).is_ok(), "the cursor queue says nothing about the driver");
+        backend.handle_event(CONTROL_QUEUE, EventSet::IN, &vrings, 0).unwrap();
         assert_eq!(dev.snapshot(1).unwrap_err(), SnapshotError::NotFound(1));
     }
 
