@@ -53,9 +53,11 @@
 //!
 //! # Lifecycle
 //! Resources live in the device handle, not the connection, but every
-//! connection starts empty and so does every driver start (QEMU sends
-//! SET_FEATURES each time the guest's driver brings the device up: boot,
-//! reboot, driver reload), since the guest reuses ids. When QEMU goes away
+//! connection starts empty, and so does every new driver: when QEMU starts
+//! the device again (SET_FEATURES) and the guest's first control request
+//! comes at ring position 0, the guest reset or rebooted and will reuse ids,
+//! so the table is cleared. A paused and resumed VM keeps its resources
+//! (QEMU restores the ring position). When QEMU goes away
 //! the table and guest memory are dropped: later snapshots fail with
 //! `NotFound`/`NoMemory`, snapshots already taken keep their mapping.
 //! A restarted host that QEMU reconnects to (`reconnect=` on the chardev)
@@ -66,8 +68,8 @@
 //!
 //! # Modules
 //! [`backend`] is the vhost-user backend and [`GpuDevice`], the handle a
-//! host keeps; [`protocol`] decodes requests and encodes responses; [`resources`] is the
-//! resource table; [`device`] carries out commands; [`pixels`] reads a
+//! host keeps; [`protocol`] decodes requests and encodes responses;
+//! [`resources`] is the resource table; [`device`] carries out commands; [`pixels`] reads a
 //! resource's pixels by id from other threads; [`edid`] makes an EDID
 //! when QEMU is not there to.
 
