@@ -33,27 +33,56 @@
 //! request is read up to a fixed size; an UPDATE to QEMU goes in bands of
 //! ≤ 4 MiB. A bad command gets an error response and the device goes on.
 //!
+//! # Serving QEMU
+//! ```no_run
+//! use hxfr_virtio_gpu::{Config, GpuDevice};
+//! let gpu = GpuDevice::new(Config::default());
+//! let reader = gpu.resources(); // for the encode path, any thread
+//! std::thread::spawn(move || loop {
+//!     // Returns when QEMU disconnects; loop to accept the next QEMU.
+//!     if let Err(e) = gpu.serve("/run/vm1-gpu.sock", || {}) {
+//!         eprintln!("vhost-user-gpu: {e}");
+//!         std::thread::sleep(std::time::Duration::from_secs(1));
+//!     }
+//! });
+//! # let _ = reader.snapshot(1);
+//! ```
+//! QEMU: `-chardev socket,id=gpu,path=/run/vm1-gpu.sock -device
+//! vhost-user-gpu-pci,chardev=gpu` with guest RAM shared
+//! (`-object memory-backend-memfd,id=mem,size=…,share=on -machine memory-backend=mem`).
+//!
+//! # Lifecycle
+//! Resources live in the device handle, not the connection, but every
+//! connection starts empty, and so does every new driver: when QEMU starts
+//! the device again (SET_FEATURES) and the guest's first control request
+//! comes at ring position 0, the guest reset or rebooted and will reuse ids,
+//! so the table is cleared. A paused and resumed VM keeps its resources
+//! (QEMU restores the ring position). When QEMU goes away
+//! the table and guest memory are dropped: later snapshots fail with
+//! `NotFound`/`NoMemory`, snapshots already taken keep their mapping.
+//! A restarted host that QEMU reconnects to (`reconnect=` on the chardev)
+//! starts empty while the guest's driver still believes its resources exist:
+//! its commands get `ERR_INVALID_RESOURCE_ID` until it recreates them, which
+//! a running Linux driver does not do; the guest needs a reboot or driver
+//! reload to display again.
+//!
 //! # Modules
-//! [`protocol`] decodes requests and encodes responses; [`resources`] is the
-//! resource table; [`device`] carries out commands; [`pixels`] reads a
+//! [`backend`] is the vhost-user backend and [`GpuDevice`], the handle a
+//! host keeps; [`protocol`] decodes requests and encodes responses;
+//! [`resources`] is the resource table; [`device`] carries out commands; [`pixels`] reads a
 //! resource's pixels by id from other threads; [`edid`] makes an EDID
 //! when QEMU is not there to.
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
+pub mod backend;
 pub mod device;
 pub mod edid;
 pub mod pixels;
 pub mod protocol;
 pub mod resources;
 
+pub use backend::{GpuDevice, ServeError};
 pub use device::{Config, Device, Display, NoDisplay, Observer, ScanoutEvent};
 pub use pixels::{ResourcePixels, Resources, SharedMemory, SnapshotError};
 pub use resources::{Format, GpuError, Limits};
-
-// Used from phase 3 on (the vhost-user backend).
-use vhost as _;
-use vhost_user_backend as _;
-use virtio_bindings as _;
-use virtio_queue as _;
-use vmm_sys_util as _;
