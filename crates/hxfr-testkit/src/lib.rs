@@ -97,6 +97,9 @@ pub struct Picture {
     pub width: u32,
     pub height: u32,
     pub data: Vec<u8>,
+    /// The colorimetry the stream's VUI names, as GStreamer spells it
+    /// (`bt601`, `bt709`, ...); empty when the decoder did not say.
+    pub colorimetry: String,
 }
 
 /// Output format of [`decode_h264`].
@@ -131,7 +134,9 @@ pub fn decode_h264(aus: &[Bytes], output: Output) -> Result<Vec<Picture>, String
                 let info = gst_video::VideoInfo::from_caps(sample.caps().unwrap()).unwrap();
                 let frame =
                     gst_video::VideoFrameRef::from_buffer_ref_readable(sample.buffer().unwrap(), &info).unwrap();
-                out.lock().unwrap().push(pack(&frame));
+                let mut pic = pack(&frame);
+                pic.colorimetry = info.colorimetry().to_string();
+                out.lock().unwrap().push(pic);
                 Ok(gst::FlowSuccess::Ok)
             })
             .build(),
@@ -175,7 +180,41 @@ fn pack(frame: &gst_video::VideoFrameRef<&gst::BufferRef>) -> Picture {
             data.extend_from_slice(&plane[r * stride..r * stride + row_bytes]);
         }
     }
-    Picture { width: w, height: h, data }
+    Picture { width: w, height: h, data, colorimetry: String::new() }
+}
+
+/// A BGRx frame (rows `stride` apart) in NV12 (tightly packed, as
+/// [`decode_h264`] gives it with [`Output::Nv12`]), converted by GStreamer's
+/// `videoconvert` with `colorimetry` (take it from the decoded picture: the
+/// stream's VUI). Comparing in YUV measures the path and the encoder, not
+/// the 4:2:0 subsampling every H.264 picture pays for sharp colour edges;
+/// and the converter is not the host's, so it checks the host's matrix too.
+#[cfg(feature = "decode")]
+pub fn bgrx_to_nv12(src: &[u8], width: u32, height: u32, stride: usize, colorimetry: &str) -> Result<Vec<u8>, String> {
+    gst::init().map_err(|e| e.to_string())?;
+    let (w, h) = (width as usize, height as usize);
+    let mut packed = Vec::with_capacity(w * h * 4);
+    for y in 0..h {
+        packed.extend_from_slice(&src[y * stride..y * stride + w * 4]);
+    }
+    let colorimetry = if colorimetry.is_empty() { String::new() } else { format!(",colorimetry={colorimetry}") };
+    let desc = format!(
+        "appsrc name=src format=time caps=video/x-raw,format=BGRx,width={width},height={height},framerate=30/1 ! \
+         videoconvert ! video/x-raw,format=NV12{colorimetry} ! appsink name=sink sync=false"
+    );
+    let pipeline = gst::parse::launch(&desc).map_err(|e| e.to_string())?.downcast::<gst::Pipeline>().unwrap();
+    let src = pipeline.by_name("src").unwrap().downcast::<gst_app::AppSrc>().unwrap();
+    let sink = pipeline.by_name("sink").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    pipeline.set_state(gst::State::Playing).map_err(|e| e.to_string())?;
+    src.push_buffer(gst::Buffer::from_mut_slice(packed)).map_err(|e| format!("push: {e:?}"))?;
+    src.end_of_stream().map_err(|e| format!("eos: {e:?}"))?;
+    let sample = sink.try_pull_sample(gst::ClockTime::from_seconds(10)).ok_or("videoconvert gave no picture");
+    let _ = pipeline.set_state(gst::State::Null);
+    let sample = sample?;
+    let info = gst_video::VideoInfo::from_caps(sample.caps().ok_or("no caps")?).map_err(|e| e.to_string())?;
+    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(sample.buffer().ok_or("no buffer")?, &info)
+        .map_err(|_| "cannot map")?;
+    Ok(pack(&frame).data)
 }
 
 /// PSNR in dB of BGRx `b` (tightly packed) against BGRx `a` (rows `stride`

@@ -19,7 +19,7 @@ use vhost::vhost_user::gpu_message::{
 use vhost::vhost_user::message::VhostUserU64;
 use vhost::vhost_user::{GpuBackend, Listener, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_gpu::VIRTIO_GPU_F_EDID;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueOwnedT;
@@ -378,6 +378,11 @@ impl VhostUserBackend for Backend {
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_GPU_F_EDID
+            // QEMU offers the guest VIRTIO_F_RING_RESET on its own (it is not
+            // among the bits vhost-user-gpu masks with ours) and then passes
+            // the guest's ack on: SET_FEATURES with a bit we did not offer
+            // would end the connection. The 2D driver never resets a queue.
+            | 1 << VIRTIO_F_RING_RESET
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 

@@ -28,7 +28,7 @@ use clap::Parser;
 use hxfr_guest::client::{self, Answer, Client, Event, HelloConfig, Link, Lost};
 use hxfr_guest::shm::{self, Region};
 use hxfr_guest::{HostAddr, drm};
-use hxfr_proto::{FrameRequest, Layout, Message, Packet, PixelFormat, ShmFrameRequest, Size, features};
+use hxfr_proto::{ConfigReq, FrameRequest, Layout, Message, Packet, PixelFormat, ShmFrameRequest, Size, features};
 use hxfr_testkit::{Content, pattern_bgrx, pattern_nv12};
 
 #[derive(Parser, Debug)]
@@ -53,6 +53,9 @@ struct Args {
     /// and a buffer freed just before) and count their ERRORs in `errors=`.
     #[arg(long, requires = "resource")]
     resource_faults: bool,
+    /// With --resource: ask the host for this many bits per second (CONFIG_REQ).
+    #[arg(long, requires = "resource")]
+    bitrate: Option<u32>,
     #[arg(long, default_value_t = 30)]
     frames: u32,
     #[arg(long, default_value = "320x240")]
@@ -214,6 +217,19 @@ fn run_resource(args: &Args) -> Result<Tally, String> {
         }
     };
     client.ensure().map_err(|e| format!("HELLO: {e}"))?;
+    if let Some(bitrate) = args.bitrate {
+        let cfg = ConfigReq {
+            width: w,
+            height: h,
+            bitrate,
+            fps_num: 30,
+            fps_den: 1,
+            profile: 0,
+            level_x10: 0,
+            realtime: true,
+        };
+        client.send_control(&Packet::new(1, Message::ConfigReq(cfg))).map_err(|e| format!("CONFIG_REQ: {e}"))?;
+    }
     let ask = |client: &mut Client<u32>, tag: u32, req: FrameRequest| -> Result<Answer, String> {
         let packet = Packet::new(1, Message::FrameRequest(req.timed(tag as i64, 33_333_333)));
         client.send(tag, None, &packet).map_err(|e| format!("send: {e}"))?;

@@ -410,33 +410,6 @@ pub fn split_access_units(stream: &[u8]) -> Vec<Bytes> {
     aus
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_multi_slice_pictures_into_access_units() {
-        let nal = |ty: u8, b: u8| [&[0u8, 0, 0, 1, ty, b, 0xaa][..]].concat();
-        // SPS PPS IDR(slice 0) IDR(slice 1) | P(slice 0) P(slice 1) | AUD P(slice 0)
-        let stream = [
-            nal(7, 0x42),
-            nal(8, 0xce),
-            nal(5, 0x88),
-            nal(5, 0x40),
-            nal(1, 0x9a),
-            nal(1, 0x50),
-            nal(9, 0xf0),
-            nal(1, 0x9a),
-        ]
-        .concat();
-        let aus = split_access_units(&stream);
-        assert_eq!(aus.len(), 3);
-        assert_eq!(aus[0].len(), 4 * 7);
-        assert_eq!(aus[1].len(), 2 * 7);
-        assert_eq!(aus[2].len(), 2 * 7);
-    }
-}
-
 /// A UNIX-socket relay that counts the bytes going each way: put between a
 /// guest's transport and the host to measure what crosses the socket.
 /// Connections accepted on `listen` are forwarded to `target` (a connection
@@ -499,5 +472,32 @@ impl Drop for CountingRelay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = std::fs::remove_file(&self.listen);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_multi_slice_pictures_into_access_units() {
+        let nal = |ty: u8, b: u8| [&[0u8, 0, 0, 1, ty, b, 0xaa][..]].concat();
+        // SPS PPS IDR(slice 0) IDR(slice 1) | P(slice 0) P(slice 1) | AUD P(slice 0)
+        let stream = [
+            nal(7, 0x42),
+            nal(8, 0xce),
+            nal(5, 0x88),
+            nal(5, 0x40),
+            nal(1, 0x9a),
+            nal(1, 0x50),
+            nal(9, 0xf0),
+            nal(1, 0x9a),
+        ]
+        .concat();
+        let aus = split_access_units(&stream);
+        assert_eq!(aus.len(), 3);
+        assert_eq!(aus[0].len(), 4 * 7);
+        assert_eq!(aus[1].len(), 2 * 7);
+        assert_eq!(aus[2].len(), 2 * 7);
     }
 }
