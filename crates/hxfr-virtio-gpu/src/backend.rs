@@ -91,7 +91,10 @@ impl GpuDevice {
     /// `on_ready` once it listens, serves the one VMM that connects and
     /// returns when it disconnects (`Ok` for an ordinary disconnect). Call
     /// it again to accept the next connection: the device starts each
-    /// connection empty, as a freshly reset device.
+    /// connection empty, as a freshly reset device. One `serve` at a time
+    /// per device. Display messages to QEMU are sent from the queue thread:
+    /// while QEMU does not read its display socket (a blocked GL console),
+    /// the device waits with it.
     pub fn serve(&self, socket_path: impl AsRef<Path>, on_ready: impl FnOnce()) -> Result<(), ServeError> {
         let path = socket_path.as_ref();
         self.reset();
