@@ -351,6 +351,14 @@ const RESOURCE_GUEST: &str = "--resource --resource-faults";
 /// The host as the VM's GPU: `hxfr_host::gpu` serves QEMU's
 /// vhost-user-gpu-pci, and a host whose connections resolve ids there.
 fn gpu_host(gpu_sock: &Path, listen: Vec<ListenAddr>, connect: Vec<PathBuf>) -> HostHandle {
+    gpu_host_and_device(gpu_sock, listen, connect).0
+}
+
+fn gpu_host_and_device(
+    gpu_sock: &Path,
+    listen: Vec<ListenAddr>,
+    connect: Vec<PathBuf>,
+) -> (HostHandle, hxfr_host::gpu::GpuDevice) {
     // RUST_LOG=debug shows the device's side of a failure.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -361,7 +369,7 @@ fn gpu_host(gpu_sock: &Path, listen: Vec<ListenAddr>, connect: Vec<PathBuf>) -> 
         std::sync::Arc::new(hxfr_host::gpu::GpuResolver::new(dev.resources()));
     let resolver = std::sync::Arc::new(hxfr_host::VmResolvers::new(vec![("vm".into(), gpu)]));
     let cfg = HostConfig { encoder: hxfr_encode::EncoderKind::X264, resolver: Some(resolver), ..HostConfig::default() };
-    hxfr_host::spawn(cfg, listen, connect).expect("host")
+    (hxfr_host::spawn(cfg, listen, connect).expect("host"), dev)
 }
 
 /// Each access unit decodes to the picture the guest drew for it: compared
@@ -486,4 +494,40 @@ fn gstreamer_guest_vsockenc_auto_picks_resource_mode_on_the_hosts_gpu() {
     let sent = relay.back.load(Relaxed);
     assert!(sent < 30 * 1024, "{sent} bytes on the socket for 30 frames");
     println!("guest → host: {sent} bytes for 30 frames");
+}
+
+/// Lifecycle: the device outlives its VMs. When a VM powers off the device
+/// forgets its resources (an old id resolves to nothing, nothing reads the
+/// old guest's memory), and a new QEMU on the same socket is served: its
+/// guest's frames resolve from its own pages.
+#[test]
+fn a_new_qemu_on_the_same_device_starts_from_an_empty_device() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (gpu, sock, out) = (dir.path().join("gpu.sock"), dir.path().join("frame.sock"), dir.path().join("out.bin"));
+    let (host, device) = gpu_host_and_device(&gpu, vec![], vec![sock.clone()]);
+    for boot in 0..2 {
+        let _ = std::fs::remove_file(&out);
+        let vm = Qemu::new(&img, &img.gpu)
+            .kernel(&img.generic_kernel)
+            .vhost_user_gpu(&gpu)
+            .port_socket(PORT, &sock)
+            .port_file(OUT, &out)
+            .run(&vmguest(&serial_addr(), 10, "--resource"));
+        let o = vm.finish(VM_TIMEOUT);
+        let r = assert_guest_ok(&o, 10);
+        assert_eq!(r.answered, 10, "boot {boot}:\n{}", o.console);
+        let records = read_records(&out);
+        assert_eq!(records.len(), 10, "boot {boot}");
+        check_drawn_pictures(&records.into_iter().map(|r| r.1).collect::<Vec<_>>());
+        let id: u32 = o
+            .console
+            .lines()
+            .find_map(|l| l.split("resource ").nth(1)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no resource id in the console:\n{}", o.console));
+        // QEMU is gone: so is everything its guest created.
+        let gone = hxfr_vmtest::wait_until(Duration::from_secs(10), || device.snapshot(id).is_err());
+        assert!(gone, "boot {boot}: resource {id} still resolves after the VM powered off");
+    }
+    assert_eq!(host_totals(&host).0, 20);
 }
