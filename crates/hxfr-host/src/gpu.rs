@@ -53,6 +53,11 @@ impl ResourceResolver for GpuResolver {
 /// for the next. Returns once the socket listens, so QEMU can be started,
 /// or the error if it cannot listen.
 pub fn spawn_device(name: &str, socket: &Path, config: Config) -> Result<GpuDevice, String> {
+    // The listener replaces a stale socket file; a live one is another
+    // device's (a second `hxfr host`), which QEMU is talking to: leave it.
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Err(format!("vhost-user-gpu {name}: {} is served by another process", socket.display()));
+    }
     let device = GpuDevice::new(config);
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
     let (dev, path, label) = (device.clone(), socket.to_owned(), name.to_owned());
