@@ -19,7 +19,7 @@ use vhost::vhost_user::gpu_message::{
 use vhost::vhost_user::message::VhostUserU64;
 use vhost::vhost_user::{GpuBackend, Listener, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_gpu::VIRTIO_GPU_F_EDID;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueOwnedT;
@@ -376,8 +376,12 @@ impl VhostUserBackend for Backend {
     }
 
     /// 2D only: no VIRGL, RESOURCE_BLOB or CONTEXT_INIT (see the crate doc).
+    /// RING_RESET: QEMU 10 acks it on the device's behalf whatever we
+    /// offer, and SET_FEATURES with a bit we did not offer is refused (QEMU
+    /// then cannot start the device). The Linux driver never resets a queue.
     fn features(&self) -> u64 {
         1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_F_RING_RESET
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_GPU_F_EDID
