@@ -5,6 +5,9 @@
 //! when a queue is full the reader waits, so a guest that sends faster than
 //! the host encodes is slowed by its own socket. Answers come back from the
 //! session threads through one bounded channel to the writer.
+//!
+//! A subscriber (SUBSCRIBE) gets a queue of its own from the scanout's feed
+//! (`push.rs`); the writer takes from it whenever no answer is waiting.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,8 +25,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::budget::{Budget, Share};
 use crate::encoder::EncoderFactory;
+use crate::push::{Feeds, Subscription};
 use crate::reader::{Event, MessageDeadline, Reader};
 use crate::resolver::{Peer, ResourceResolver};
+use crate::scanout::ScanoutSource;
 use crate::session::{self, Job, Outgoing, SessionHandle, SessionParts};
 use crate::shm::ShmRegion;
 use crate::source::{FrameJob, FrameSources};
@@ -57,7 +62,17 @@ pub(crate) struct Shared {
     pub encoders: Arc<EncoderFactory>,
     pub shm: Option<Arc<ShmRegion>>,
     pub resolver: Option<Arc<dyn ResourceResolver>>,
+    /// The VMs' displays, for SUBSCRIBE.
+    pub scanouts: Option<Arc<dyn ScanoutSource>>,
+    pub feeds: Arc<Feeds>,
     pub stats: StatsRegistry,
+}
+
+/// A subscriber's frames, handed to the writer.
+struct Push {
+    /// The conversation it belongs to (a HELLO ends it).
+    epoch: u64,
+    frames: mpsc::Receiver<Packet>,
 }
 
 /// Serves one connection until it ends, inside a span naming it.
@@ -77,18 +92,29 @@ where
     info!("guest connected");
     let (rd, wr) = tokio::io::split(stream);
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUT_QUEUE);
+    // Bounded by the subscriptions a connection may have (max_sessions).
+    let (push_tx, push_rx) = mpsc::unbounded_channel::<Push>();
     let epoch = Arc::new(AtomicU64::new(0));
     let cancel = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(wr, out_rx, epoch.clone(), cancel.clone()).in_current_span());
+    let writer = tokio::spawn(write_loop(wr, out_rx, push_rx, epoch.clone(), cancel.clone()).in_current_span());
     let decoder = FrameDecoder::new(shared.max_payload).resynchronising(kind == StreamKind::Serial);
     let serial = kind == StreamKind::Serial;
     let mut reader = Reader::new(rd, decoder, serial, shared.budget.clone(), shared.message_deadline);
-    let sources = Arc::new(FrameSources::new(
-        shared.shm.clone(),
-        shared.resolver.as_ref(),
-        Peer { conn_id, addr: &peer, via: &via },
-    ));
-    let mut conn = Conn { shared, conn_id, peer, sources, sessions: HashMap::new(), out: out_tx, epoch };
+    let who = Peer { conn_id, addr: &peer, via: &via };
+    let sources = Arc::new(FrameSources::new(shared.shm.clone(), shared.resolver.as_ref(), who));
+    let scanouts = shared.scanouts.as_ref().map(|s| s.scope(who).unwrap_or_else(|| s.clone()));
+    let mut conn = Conn {
+        shared,
+        conn_id,
+        peer,
+        sources,
+        sessions: HashMap::new(),
+        out: out_tx,
+        epoch,
+        scanouts,
+        subs: HashMap::new(),
+        pushes: push_tx,
+    };
 
     let mut clean_eof = false;
     loop {
@@ -130,6 +156,11 @@ struct Conn {
     sessions: HashMap<u16, SessionHandle>,
     out: mpsc::Sender<Outgoing>,
     epoch: Arc<AtomicU64>,
+    /// This guest's VM's scanouts.
+    scanouts: Option<Arc<dyn ScanoutSource>>,
+    /// Subscriptions, by the session id their frames carry.
+    subs: HashMap<u16, Subscription>,
+    pushes: mpsc::UnboundedSender<Push>,
 }
 
 impl Conn {
@@ -137,6 +168,48 @@ impl Conn {
         for (_, s) in self.sessions.drain() {
             s.abort();
         }
+    }
+
+    /// SUBSCRIBE: answers SUBSCRIBE_RESP (session_id = scanout_id), then,
+    /// when it said yes, the scanout's frames follow on this connection.
+    async fn subscribe(&mut self, scanout_id: u32) -> bool {
+        let sid = scanout_id as u16;
+        let feed = match &self.scanouts {
+            _ if u16::try_from(scanout_id).is_err() => None,
+            // Subscribing again to the same scanout replaces the subscription.
+            _ if self.subs.len() >= self.shared.max_sessions && !self.subs.contains_key(&sid) => {
+                warn!(scanout = scanout_id, "refused: more than {} subscriptions on one connection", self.subs.len());
+                None
+            }
+            Some(s) => self.shared.feeds.feed(s, scanout_id),
+            None => None,
+        };
+        let success = feed.is_some();
+        match &feed {
+            Some(_) => info!(scanout = scanout_id, "subscribed"),
+            None if self.scanouts.is_none() => info!(scanout = scanout_id, "SUBSCRIBE refused: this host has no scanouts"),
+            None => info!(scanout = scanout_id, "SUBSCRIBE refused: no such scanout in this guest's VM"),
+        }
+        // The answer goes first: the writer takes answers before pushed frames.
+        if !self.reply(Packet::new(sid, Message::SubscribeResp { scanout_id, success })).await {
+            return false;
+        }
+        if let Some(feed) = feed {
+            let (sub, frames) = feed.join(sid);
+            if self.pushes.send(Push { epoch: self.epoch.load(Ordering::Relaxed), frames }).is_err() {
+                return false;
+            }
+            self.subs.insert(sid, sub);
+        }
+        true
+    }
+
+    /// The subscriptions a CONFIG_REQ or KEYFRAME_REQ of session `sid` is
+    /// for: its own, or, when no subscription has that id, all of them.
+    fn subscriptions_for(&self, sid: u16) -> impl Iterator<Item = &Subscription> {
+        let own = self.subs.get(&sid);
+        let all = own.is_none().then(|| self.subs.values()).into_iter().flatten();
+        own.into_iter().chain(all)
     }
 
     /// Sends an answer that is not part of any session's order.
@@ -223,6 +296,17 @@ impl Conn {
                 self.dispatch(sid, job, true).await
             }
             Message::ShmFrameRequest(r) => self.dispatch(sid, Job::Frame(FrameJob::from_shm(r)), true).await,
+            // On a subscribed connection both are for the subscription, and
+            // never answered: Helix's subscriber takes any message but
+            // FRAME_RESPONSE as the end of its stream.
+            Message::KeyframeReq if !self.subs.is_empty() => {
+                self.subscriptions_for(sid).for_each(Subscription::keyframe);
+                true
+            }
+            Message::ConfigReq(c) if !self.subs.is_empty() => {
+                self.subscriptions_for(sid).for_each(|s| s.configure(c));
+                true
+            }
             Message::KeyframeReq => self.dispatch(sid, Job::Keyframe, false).await,
             Message::ConfigReq(c) => self.dispatch(sid, Job::Config(c), true).await,
             Message::Ping => self.reply(Packet::new(sid, Message::Pong)).await,
@@ -233,6 +317,7 @@ impl Conn {
                     info!("HELLO: resetting {} session(s)", self.sessions.len());
                 }
                 self.abort_sessions();
+                self.subs.clear();
                 self.epoch.fetch_add(1, Ordering::Relaxed);
                 let shm_size = self.shared.shm.as_ref().map_or(0, |s| s.len());
                 let mut feats = 0;
@@ -251,15 +336,12 @@ impl Conn {
                 };
                 self.reply(Packet::new(sid, Message::HelloResp(resp))).await
             }
-            // Helix's display-scanout and subscription features belong to its
-            // patched QEMU; we have no scanouts. They asked, so they get a "no".
+            // Hot-plugging displays is not ours (yet): they asked, so they get a "no".
             Message::EnableScanout { scanout_id, .. } => {
                 let connector = "hxfr host has no scanouts".to_string();
                 self.reply(Packet::new(sid, Message::ScanoutResp { scanout_id, success: false, connector })).await
             }
-            Message::Subscribe { scanout_id } => {
-                self.reply(Packet::new(sid, Message::SubscribeResp { scanout_id, success: false })).await
-            }
+            Message::Subscribe { scanout_id } => self.subscribe(scanout_id).await,
             Message::DisableScanout { .. } | Message::Pong => true,
             other => {
                 // Unknown types are legal (skipped by size); host-bound answers
@@ -278,7 +360,11 @@ impl Conn {
         }
         warn!("malformed message: {e}");
         let Some(h) = header else { return };
-        // Requests that expect an answer get an ERROR, in their session's order.
+        // Requests that expect an answer get an ERROR, in their session's
+        // order; a subscriber gets nothing it could take for the end.
+        if h.msg_type == msg_type::CONFIG_REQ && !self.subs.is_empty() {
+            return;
+        }
         if matches!(h.msg_type, msg_type::FRAME_REQUEST | msg_type::SHM_FRAME_REQUEST | msg_type::CONFIG_REQ) {
             let p = Packet::error(h.session_id, ErrorCode::InvalidMessage as i32, format!("malformed request: {e}"));
             self.dispatch(h.session_id, Job::Reply(p), true).await;
@@ -289,15 +375,58 @@ impl Conn {
 async fn write_loop<W: AsyncWrite>(
     wr: W,
     mut rx: mpsc::Receiver<Outgoing>,
+    mut push_rx: mpsc::UnboundedReceiver<Push>,
     epoch: Arc<AtomicU64>,
     cancel: CancellationToken,
 ) {
     let mut wr = std::pin::pin!(wr);
     let mut head = BytesMut::with_capacity(512);
-    while let Some(o) = rx.recv().await {
-        if o.epoch != epoch.load(Ordering::Relaxed) {
+    let mut pushes: Vec<Push> = Vec::new();
+    let mut turn = 0usize;
+    loop {
+        // Answers first (a SUBSCRIBE_RESP before the frames it starts),
+        // then the subscribers' frames, taking turns.
+        let next = std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            if let Poll::Ready(o) = rx.poll_recv(cx) {
+                return Poll::Ready(o.map(|o| (o.epoch, o.packet)));
+            }
+            while let Poll::Ready(Some(p)) = push_rx.poll_recv(cx) {
+                pushes.push(p);
+            }
+            let now = epoch.load(Ordering::Relaxed);
+            pushes.retain(|p| p.epoch == now); // a HELLO ended them
+            let n = pushes.len();
+            let mut ended = Vec::new();
+            for k in 0..n {
+                let i = (turn + k) % n;
+                match pushes[i].frames.poll_recv(cx) {
+                    Poll::Ready(Some(packet)) => {
+                        turn = i + 1;
+                        return Poll::Ready(Some((now, packet)));
+                    }
+                    Poll::Ready(None) => ended.push(i),
+                    Poll::Pending => {}
+                }
+            }
+            if !ended.is_empty() {
+                ended.sort_unstable();
+                for i in ended.into_iter().rev() {
+                    pushes.swap_remove(i);
+                }
+                if pushes.is_empty() {
+                    // Its scanout went away and it subscribed to nothing else.
+                    return Poll::Ready(None);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some((o_epoch, packet)) = next else { break };
+        if o_epoch != epoch.load(Ordering::Relaxed) {
             continue; // an answer for a conversation a HELLO has ended
         }
+        let o = Outgoing { epoch: o_epoch, packet };
         head.clear();
         o.packet.encode_head(&mut head);
         let tail = o.packet.tail().map_or(&[][..], |t| &t[..]);

@@ -14,7 +14,8 @@
 //! Each hands the next only the parts it uses. Below them sit leaves:
 //! `source` (the one seam for the three places a frame's pixels can be),
 //! `resolver` (resource id → pixels, per VM; `gpu` adapts the host's own
-//! virtio-gpu device to it), `shm`, `budget`
+//! virtio-gpu device to it), `scanout` (the VM's displays, for SUBSCRIBE)
+//! and `push` (one encoder per subscribed scanout, fanned out), `shm`, `budget`
 //! (`--max-buffered-mib`), `encoder` (caps on live encoders), `memory`,
 //! `stats`, `addr`.
 
@@ -27,8 +28,10 @@ mod encoder;
 #[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
 pub mod gpu;
 mod memory;
+mod push;
 mod reader;
 mod resolver;
+mod scanout;
 mod session;
 mod shm;
 mod source;
@@ -56,6 +59,7 @@ pub use conn::StreamKind;
 pub use encoder::EncoderGauge;
 pub use reader::MessageDeadline;
 pub use resolver::{MemoryResolver, Peer, ResolveError, Resolved, ResourceResolver, VmResolvers};
+pub use scanout::{Flip, MemoryScanouts, ScanoutSource, monotonic_ns};
 pub use shm::ShmRegion;
 pub use stats::{SessionInfo, Snapshot, StatsRegistry};
 
@@ -112,6 +116,13 @@ pub struct HostConfig {
     /// File shared with the guest for SHM_FRAME_REQUEST.
     pub shm_path: Option<PathBuf>,
     pub resolver: Option<Arc<dyn ResourceResolver>>,
+    /// The VMs' displays (scanouts), for SUBSCRIBE: scoped per connection
+    /// like `resolver`. `None`: SUBSCRIBE is answered `success = 0`.
+    pub scanouts: Option<Arc<dyn ScanoutSource>>,
+    /// Push a subscribed scanout's picture again after this long without a
+    /// flip, for viewers that need a heartbeat. `None` (the default, and
+    /// what Helix's subscriber wants): a still screen sends nothing.
+    pub scanout_keepalive: Option<Duration>,
     /// Print per-session stats this often (and always on exit).
     pub stats_interval: Option<Duration>,
     /// Permit TCP listeners on non-loopback addresses.
@@ -127,6 +138,8 @@ impl Default for HostConfig {
             limits: Limits::default(),
             shm_path: None,
             resolver: None,
+            scanouts: None,
+            scanout_keepalive: None,
             stats_interval: None,
             allow_remote: false,
         }
@@ -293,6 +306,8 @@ impl Host {
             encoders: encoders.clone(),
             shm,
             resolver: config.resolver,
+            scanouts: config.scanouts,
+            feeds: Arc::new(push::Feeds::new(encoders.clone(), config.scanout_keepalive)),
             stats: stats.clone(),
         });
         let acceptor = Arc::new(Acceptor {

@@ -193,6 +193,8 @@ fn host(a: HostArgs) -> Result<()> {
         },
         shm_path: a.shm,
         resolver: None, // set below, once listeners are bound
+        scanouts: None,
+        scanout_keepalive: None,
         stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
         allow_remote: a.allow_remote,
     };
