@@ -385,11 +385,6 @@ impl VhostUserBackend for Backend {
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_GPU_F_EDID
-            // QEMU offers the guest VIRTIO_F_RING_RESET on its own (it is not
-            // among the bits vhost-user-gpu masks with ours) and then passes
-            // the guest's ack on: SET_FEATURES with a bit we did not offer
-            // would end the connection. The 2D driver never resets a queue.
-            | 1 << VIRTIO_F_RING_RESET
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
