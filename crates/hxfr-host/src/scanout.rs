@@ -100,7 +100,8 @@ impl MemoryScanouts {
     /// need be). Returns the flip, with the time it happened.
     pub fn flip(&self, scanout_id: u32, picture: Resolved) -> Flip {
         let mut all = self.scanouts.lock().unwrap();
-        let shown = all.entry(scanout_id).or_insert_with(|| Shown { flips: watch::channel(Flip::default()).0, picture: None });
+        let shown =
+            all.entry(scanout_id).or_insert_with(|| Shown { flips: watch::channel(Flip::default()).0, picture: None });
         shown.picture = Some(picture);
         let flip = Flip { seq: shown.flips.borrow().seq + 1, at_ns: monotonic_ns() };
         shown.flips.send_replace(flip);
@@ -125,6 +126,37 @@ impl ScanoutSource for MemoryScanouts {
             Some(_) => Err(ResolveError::Unusable { id: scanout_id, why: "scanout shows nothing yet".into() }),
             None => Err(ResolveError::NotFound(scanout_id)),
         }
+    }
+}
+
+/// Each connection watches its own VM's scanouts only ([`crate::Vms`]); a
+/// connection bound to no VM sees none (SUBSCRIBE answered success = 0).
+pub struct VmScanouts(pub crate::Vms<dyn ScanoutSource>);
+
+/// What a connection bound to no VM may watch: nothing.
+struct NoScanouts;
+
+impl ScanoutSource for NoScanouts {
+    fn watch(&self, _scanout_id: u32) -> Option<watch::Receiver<Flip>> {
+        None
+    }
+    fn picture(&self, scanout_id: u32) -> Result<Resolved, ResolveError> {
+        Err(ResolveError::NotFound(scanout_id))
+    }
+}
+
+impl ScanoutSource for VmScanouts {
+    fn watch(&self, _scanout_id: u32) -> Option<watch::Receiver<Flip>> {
+        None // only reached unscoped, which `scope` never leaves a connection
+    }
+    fn picture(&self, scanout_id: u32) -> Result<Resolved, ResolveError> {
+        Err(ResolveError::NotFound(scanout_id))
+    }
+    fn scope(&self, peer: Peer<'_>) -> Option<Arc<dyn ScanoutSource>> {
+        Some(match self.0.of(peer) {
+            Ok(vm) => vm.clone(),
+            Err(_) => Arc::new(NoScanouts),
+        })
     }
 }
 

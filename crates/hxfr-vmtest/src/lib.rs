@@ -356,7 +356,7 @@ pub fn read_records(path: &Path) -> Vec<(u32, Bytes)> {
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, cond: impl Fn() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
