@@ -27,6 +27,8 @@ mod conn;
 mod encoder;
 #[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
 pub mod gpu;
+#[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
+pub mod qemu_display;
 mod memory;
 mod push;
 mod reader;
