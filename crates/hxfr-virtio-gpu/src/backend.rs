@@ -57,27 +57,26 @@ pub struct GpuDevice {
     config: Config,
     table: Arc<Mutex<ResourceTable>>,
     mem: SharedMemory,
+    resources: Resources,
     observer: Arc<RwLock<Option<Observer>>>,
 }
 
 impl GpuDevice {
     pub fn new(config: Config) -> GpuDevice {
-        GpuDevice {
-            config,
-            table: Arc::new(Mutex::new(ResourceTable::new(config.limits))),
-            mem: Arc::new(RwLock::new(None)),
-            observer: Arc::new(RwLock::new(None)),
-        }
+        let table = Arc::new(Mutex::new(ResourceTable::new(config.limits)));
+        let mem: SharedMemory = Arc::new(RwLock::new(None));
+        let resources = Resources::new(table.clone(), mem.clone());
+        GpuDevice { config, table, mem, resources, observer: Arc::new(RwLock::new(None)) }
     }
 
     /// A handle for readers (cheap to clone, usable from any thread).
     pub fn resources(&self) -> Resources {
-        Resources::new(self.table.clone(), self.mem.clone())
+        self.resources.clone()
     }
 
     /// The pixels of resource `id` now; see [`Resources::snapshot`].
     pub fn snapshot(&self, id: u32) -> Result<ResourcePixels, SnapshotError> {
-        self.resources().snapshot(id)
+        self.resources.snapshot(id)
     }
 
     /// Sets (or clears) the function told of every SET_SCANOUT and

@@ -8,10 +8,12 @@
 //! crosses the guest's CPU or a socket.
 //!
 //! # What the device offers, and why
-//! A **2D device only**: `VIRTIO_F_VERSION_1`, `VIRTIO_RING_F_EVENT_IDX` and
-//! `VIRTIO_GPU_F_EDID`. Not `VIRGL` (the guest would create 3D contexts and
-//! render where we cannot read), not `RESOURCE_BLOB` (dumb buffers would
-//! become blob resources), not `CONTEXT_INIT`. Commands: GET_DISPLAY_INFO,
+//! A **2D device only**: `VIRTIO_F_VERSION_1`, `VIRTIO_RING_F_EVENT_IDX`,
+//! `VIRTIO_RING_F_INDIRECT_DESC`, `VIRTIO_F_RING_RESET` (QEMU 10 acks it
+//! whatever the device offers) and `VIRTIO_GPU_F_EDID`. Not `VIRGL` (the
+//! guest would create 3D contexts and render where we cannot read), not
+//! `RESOURCE_BLOB` (dumb buffers would become blob resources), not
+//! `CONTEXT_INIT`. Commands: GET_DISPLAY_INFO,
 //! GET_EDID, RESOURCE_CREATE_2D, RESOURCE_UNREF, SET_SCANOUT,
 //! RESOURCE_FLUSH, TRANSFER_TO_HOST_2D, RESOURCE_ATTACH_BACKING,
 //! RESOURCE_DETACH_BACKING, UPDATE_CURSOR, MOVE_CURSOR; anything else gets
@@ -57,21 +59,23 @@
 //! the device again (SET_FEATURES) and the guest's first control request
 //! comes at ring position 0, the guest reset or rebooted and will reuse ids,
 //! so the table is cleared. A paused and resumed VM keeps its resources
-//! (QEMU restores the ring position). When QEMU goes away
-//! the table and guest memory are dropped: later snapshots fail with
-//! `NotFound`/`NoMemory`, snapshots already taken keep their mapping.
-//! A restarted host that QEMU reconnects to (`reconnect=` on the chardev)
-//! starts empty while the guest's driver still believes its resources exist:
-//! its commands get `ERR_INVALID_RESOURCE_ID` until it recreates them, which
-//! a running Linux driver does not do; the guest needs a reboot or driver
-//! reload to display again.
+//! (QEMU restores the ring position). When QEMU goes away the table and
+//! guest memory are dropped: later snapshots fail with `NotFound`, snapshots
+//! already taken keep their mapping.
+//! If the host process dies, QEMU 10 logs `failed to read msg header` and
+//! keeps running; the guest runs on but its GPU commands are never
+//! answered (its display freezes), and QEMU does not reconnect: a restarted
+//! host waits for the next QEMU. (`reconnect-ms` on the chardev made QEMU 10
+//! fail to start the device at all.) Checked by hand with Linux 6.1 under
+//! QEMU 10: boot, `system_reset` (resources recreated with the same ids),
+//! `stop`/`cont` (resources kept), QEMU quitting (`serve` returns `Ok`).
 //!
 //! # Modules
 //! [`backend`] is the vhost-user backend and [`GpuDevice`], the handle a
 //! host keeps; [`protocol`] decodes requests and encodes responses;
-//! [`resources`] is the resource table; [`device`] carries out commands; [`pixels`] reads a
-//! resource's pixels by id from other threads; [`edid`] makes an EDID
-//! when QEMU is not there to.
+//! [`resources`] is the resource table; [`device`] carries out commands;
+//! [`pixels`] reads a resource's pixels by id from other threads; [`edid`]
+//! makes an EDID when QEMU is not there to.
 
 #![cfg(target_os = "linux")]
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
