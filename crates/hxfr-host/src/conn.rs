@@ -187,7 +187,9 @@ impl Conn {
         let success = feed.is_some();
         match &feed {
             Some(_) => info!(scanout = scanout_id, "subscribed"),
-            None if self.scanouts.is_none() => info!(scanout = scanout_id, "SUBSCRIBE refused: this host has no scanouts"),
+            None if self.scanouts.is_none() => {
+                info!(scanout = scanout_id, "SUBSCRIBE refused: this host has no scanouts")
+            }
             None => info!(scanout = scanout_id, "SUBSCRIBE refused: no such scanout in this guest's VM"),
         }
         // The answer goes first: the writer takes answers before pushed frames.

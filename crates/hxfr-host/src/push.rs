@@ -37,6 +37,10 @@ use crate::scanout::{Flip, ScanoutSource, monotonic_ns};
 pub(crate) const PUSH_QUEUE: usize = 4;
 /// The frame rate a feed caps itself at until a subscriber says otherwise.
 const DEFAULT_FPS: u32 = 60;
+/// How long a new feed waits for its first subscriber's CONFIG_REQ before
+/// its first frame (Helix's comes right after SUBSCRIBE_RESP): otherwise the
+/// config would rebuild the encoder, and cost an IDR, one frame later.
+const CONFIG_GRACE: Duration = Duration::from_millis(50);
 
 /// The feeds of a host, by scanout.
 pub(crate) struct Feeds {
@@ -168,6 +172,7 @@ impl Feed {
             rate: Rate { bitrate: hxfr_proto::defaults::BITRATE, fps_num: DEFAULT_FPS, fps_den: 1, profile: 0 },
             subs: Vec::new(),
             pending: false,
+            hold: None,
             force: true,
             last_encode: None,
             last_seq: None,
@@ -259,6 +264,8 @@ struct Worker {
     subs: Vec<Sub>,
     /// A picture waits to be encoded (a flip, a join, a keyframe request, the keepalive).
     pending: bool,
+    /// No frame before this (a new feed waits for its CONFIG_REQ).
+    hold: Option<Instant>,
     /// The next frame must be an IDR.
     force: bool,
     last_encode: Option<Instant>,
@@ -279,7 +286,7 @@ impl Worker {
                 self.force = true;
             }
             let now = Instant::now();
-            let next = self.last_encode.map_or(now, |t| t + self.interval());
+            let next = self.last_encode.map_or(now, |t| t + self.interval()).max(self.hold.unwrap_or(now));
             if self.pending && now >= next {
                 self.encode();
                 continue;
@@ -296,6 +303,10 @@ impl Worker {
             self.pending |= inbox.flipped;
             if let Some(c) = inbox.config {
                 self.configure(c);
+                self.hold = None;
+            }
+            if self.encoder.is_none() && self.last_encode.is_none() && !inbox.joins.is_empty() {
+                self.hold = Some(Instant::now() + CONFIG_GRACE);
             }
             if inbox.keyframe || !inbox.joins.is_empty() {
                 self.force = true;
@@ -339,6 +350,7 @@ impl Worker {
     /// Encodes the picture shown now and offers it to every subscriber.
     fn encode(&mut self) {
         self.pending = false;
+        self.hold = None;
         if self.subs.is_empty() {
             return;
         }

@@ -100,7 +100,8 @@ impl MemoryScanouts {
     /// need be). Returns the flip, with the time it happened.
     pub fn flip(&self, scanout_id: u32, picture: Resolved) -> Flip {
         let mut all = self.scanouts.lock().unwrap();
-        let shown = all.entry(scanout_id).or_insert_with(|| Shown { flips: watch::channel(Flip::default()).0, picture: None });
+        let shown =
+            all.entry(scanout_id).or_insert_with(|| Shown { flips: watch::channel(Flip::default()).0, picture: None });
         shown.picture = Some(picture);
         let flip = Flip { seq: shown.flips.borrow().seq + 1, at_ns: monotonic_ns() };
         shown.flips.send_replace(flip);
