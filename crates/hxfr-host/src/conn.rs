@@ -184,7 +184,7 @@ impl Conn {
                 );
                 None
             }
-            Some(s) => self.shared.feeds.feed(s, scanout_id),
+            Some(s) => self.shared.feeds.feed(s, scanout_id, self.conn_id),
             None => None,
         };
         let success = feed.is_some();

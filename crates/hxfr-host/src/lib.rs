@@ -307,7 +307,7 @@ impl Host {
             shm,
             resolver: config.resolver,
             scanouts: config.scanouts,
-            feeds: Arc::new(push::Feeds::new(encoders.clone(), config.scanout_keepalive)),
+            feeds: Arc::new(push::Feeds::new(encoders.clone(), config.scanout_keepalive, stats.clone())),
             stats: stats.clone(),
         });
         let acceptor = Arc::new(Acceptor {

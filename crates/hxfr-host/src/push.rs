@@ -32,6 +32,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::encoder::{EncoderFactory, LiveEncoder, OpenError};
 use crate::scanout::{Flip, ScanoutSource, monotonic_ns};
+use crate::stats::{SessionStats, StatsRegistry};
 
 /// Frames queued for one subscriber before its frames are dropped.
 pub(crate) const PUSH_QUEUE: usize = 4;
@@ -47,23 +48,27 @@ pub(crate) struct Feeds {
     feeds: Mutex<Vec<Weak<Feed>>>,
     encoders: Arc<EncoderFactory>,
     keepalive: Option<Duration>,
+    stats: StatsRegistry,
 }
 
 impl Feeds {
-    pub fn new(encoders: Arc<EncoderFactory>, keepalive: Option<Duration>) -> Feeds {
-        Feeds { feeds: Mutex::default(), encoders, keepalive }
+    pub fn new(encoders: Arc<EncoderFactory>, keepalive: Option<Duration>, stats: StatsRegistry) -> Feeds {
+        Feeds { feeds: Mutex::default(), encoders, keepalive, stats }
     }
 
     /// The feed of `scanout_id` in `source`, started if none runs. `None`
-    /// when there is no such scanout (or no thread for it).
-    pub fn feed(&self, source: &Arc<dyn ScanoutSource>, scanout_id: u32) -> Option<Arc<Feed>> {
+    /// when there is no such scanout (or no thread for it). A new feed's
+    /// stats carry `conn_id` (its first subscriber's connection) and
+    /// session id = the scanout; `dropped` counts frames subscribers lost.
+    pub fn feed(&self, source: &Arc<dyn ScanoutSource>, scanout_id: u32, conn_id: u64) -> Option<Arc<Feed>> {
         let flips = source.watch(scanout_id)?;
         let mut feeds = self.feeds.lock().unwrap();
         feeds.retain(|f| f.strong_count() > 0);
         if let Some(f) = feeds.iter().filter_map(Weak::upgrade).find(|f| f.flips.same_channel(&flips)) {
             return Some(f);
         }
-        match Feed::start(source.clone(), scanout_id, flips, self.encoders.clone(), self.keepalive) {
+        let stats = self.stats.register(conn_id, scanout_id as u16, format!("scanout {scanout_id} (push)"));
+        match Feed::start(source.clone(), scanout_id, flips, self.encoders.clone(), self.keepalive, stats) {
             Ok(f) => {
                 feeds.push(Arc::downgrade(&f));
                 Some(f)
@@ -157,6 +162,7 @@ impl Feed {
         flips: watch::Receiver<Flip>,
         encoders: Arc<EncoderFactory>,
         keepalive: Option<Duration>,
+        stats: Arc<Mutex<SessionStats>>,
     ) -> std::io::Result<Arc<Feed>> {
         let mailbox = Arc::new(Mailbox::default());
         let span = info_span!("scanout", id = scanout_id);
@@ -168,6 +174,7 @@ impl Feed {
             mailbox: mailbox.clone(),
             encoders,
             encoder: None,
+            stats,
             keepalive,
             rate: Rate { bitrate: hxfr_proto::defaults::BITRATE, fps_num: DEFAULT_FPS, fps_den: 1, profile: 0 },
             subs: Vec::new(),
@@ -259,6 +266,7 @@ struct Worker {
     mailbox: Arc<Mailbox>,
     encoders: Arc<EncoderFactory>,
     encoder: Option<LiveEncoder>,
+    stats: Arc<Mutex<SessionStats>>,
     keepalive: Option<Duration>,
     rate: Rate,
     subs: Vec<Sub>,
@@ -318,6 +326,7 @@ impl Worker {
             }
         }
         self.encoder = None;
+        self.stats.lock().unwrap().ended = Some(Instant::now());
         debug!("feed ended");
     }
 
@@ -379,7 +388,8 @@ impl Worker {
         let repeat = self.last_seq == Some(flip.seq);
         let at = if repeat || flip.at_ns == 0 { monotonic_ns() } else { flip.at_ns };
         let pts = (at.min(i64::MAX as u64) as i64).max(self.last_pts.saturating_add(1));
-        self.last_encode = Some(Instant::now());
+        let started = Instant::now();
+        self.last_encode = Some(started);
         let enc = self.encoder.as_mut().expect("ensured above");
         let out = match enc.encode(&frame) {
             Ok(out) => out,
@@ -390,6 +400,9 @@ impl Worker {
             }
         };
         self.failures = 0;
+        let l = &pic.layout;
+        let bytes_in = (0..l.format.num_planes()).map(|p| (l.plane_end(p) - l.offsets[p]) as usize).sum();
+        self.stats.lock().unwrap().record_encode(started.elapsed(), bytes_in, out.data.len(), out.keyframe);
         self.last_seq = Some(flip.seq);
         self.last_pts = pts;
         if out.keyframe {
@@ -397,6 +410,7 @@ impl Worker {
         }
         let response = FrameResponse { pts, dts: pts, is_keyframe: out.keyframe, nals: vec![out.data] };
         let mut packet = Packet::new(self.session, Message::FrameResponse(response));
+        let mut dropped = 0;
         for s in &mut self.subs {
             if !s.synced && !out.keyframe {
                 continue; // waits for an IDR
@@ -409,9 +423,13 @@ impl Worker {
                         debug!("a subscriber is behind: dropping its frames until the next IDR");
                     }
                     s.synced = false;
+                    dropped += 1;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
+        }
+        if dropped > 0 {
+            self.stats.lock().unwrap().info.dropped += dropped;
         }
     }
 
@@ -431,6 +449,12 @@ impl Worker {
         cfg.bitrate = self.rate.bitrate;
         cfg.profile = self.rate.profile;
         let enc = self.encoders.open(&cfg)?;
+        {
+            let s = &mut self.stats.lock().unwrap().info;
+            s.encoder = enc.name().to_string();
+            s.width = frame.width;
+            s.height = frame.height;
+        }
         debug!(encoder = enc.name(), "{}x{} @ {} bit/s", cfg.width, cfg.height, cfg.bitrate);
         self.encoder = Some(enc);
         Ok(())

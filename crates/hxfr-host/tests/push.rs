@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use hxfr_encode::EncoderKind;
-use hxfr_host::{Flip, HostConfig, MemoryScanouts, Resolved};
+use hxfr_host::{Flip, HostConfig, MemoryScanouts, Peer, ResolveError, Resolved, ScanoutSource};
 use hxfr_proto::io::{read_packet, write_packet};
 use hxfr_proto::{ConfigReq, DecodeError, FrameDecoder, FrameResponse, Layout, Message, Packet, PixelFormat};
 use hxfr_testkit::{Content, Output, bgrx_to_nv12, decode_h264, nal_types, pattern_bgrx, psnr_nv12};
@@ -191,6 +191,11 @@ fn a_still_scanout_sends_nothing() {
     assert_eq!(r.pts, flip.at_ns as i64);
     sub.assert_quiet("one flip, one frame");
     assert_eq!(host.handle.encoders().live, 1, "one encoder, idle");
+    let stats = host.handle.stats();
+    assert_eq!(stats.len(), 1);
+    let info = &stats[0].info;
+    assert_eq!((info.session_id, info.frames, info.keyframes, info.dropped), (2, 1, 1, 0), "{info:?}");
+    assert_eq!((info.peer.as_str(), info.encoder.as_str(), info.width), ("scanout 2 (push)", "x264", W));
     drop(sub);
     common::wait_for("the encoder to close with its last subscriber", || host.handle.encoders().live == 0);
 }
@@ -275,6 +280,10 @@ fn keyframe_req_gets_an_idr_of_the_picture_shown_now() {
     assert!(r.pts > flip.at_ns as i64, "a repeat carries the time it was encoded");
     frames.push(r);
     sub.assert_quiet("one request, one IDR");
+    // It asked for a PONG: that is the one other message it gets.
+    sub.send(Message::Ping);
+    let p = sub.read(TIMEOUT).unwrap();
+    assert_eq!((p.session_id, p.message), (1, Message::Pong));
     assert_pictures(&frames, &[pattern(0), pattern(1), pattern(1)]);
 }
 
@@ -380,4 +389,80 @@ fn a_removed_scanout_ends_its_subscribers_stream() {
         other => panic!("expected the connection to close, got {other:?}"),
     }
     common::wait_for("the encoder to close", || host.handle.encoders().live == 0);
+}
+
+#[test]
+fn the_keepalive_repeats_a_still_picture() {
+    let scanouts = Arc::new(MemoryScanouts::default());
+    let host = Host::start(HostConfig {
+        encoder: EncoderKind::X264,
+        scanouts: Some(scanouts.clone()),
+        scanout_keepalive: Some(Duration::from_millis(100)),
+        ..Default::default()
+    });
+    let flip = scanouts.flip(0, picture(pattern(4)));
+    let mut sub = Subscriber::subscribe(&host, 0, 0).unwrap();
+    let started = Instant::now();
+    let mut frames = vec![sub.frame(TIMEOUT).unwrap()];
+    assert_idr(&frames[0]);
+    assert_eq!(frames[0].pts, flip.at_ns as i64);
+    while frames.len() < 4 {
+        frames.push(sub.frame(TIMEOUT).expect("a keepalive frame"));
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(300), "three repeats 100 ms apart took {took:?}");
+    assert!(frames[1..].iter().all(|r| !r.is_keyframe));
+    assert!(frames.windows(2).all(|w| w[1].pts - w[0].pts >= 90_000_000), "about 100 ms apart, by pts");
+    assert_pictures(&frames, &vec![pattern(4); 4]);
+}
+
+/// Two VMs' scanouts, each connection scoped to its listener's VM.
+struct TwoVms {
+    unix: Arc<MemoryScanouts>,
+    tcp: Arc<MemoryScanouts>,
+}
+
+impl ScanoutSource for TwoVms {
+    fn watch(&self, _: u32) -> Option<tokio::sync::watch::Receiver<Flip>> {
+        None
+    }
+    fn picture(&self, id: u32) -> Result<Resolved, ResolveError> {
+        Err(ResolveError::NotFound(id))
+    }
+    fn scope(&self, peer: Peer<'_>) -> Option<Arc<dyn ScanoutSource>> {
+        Some(if peer.via.starts_with("unix:") { self.unix.clone() } else { self.tcp.clone() })
+    }
+}
+
+fn subscribed<S: std::io::Read + std::io::Write>(s: &mut S, scanout: u32) -> bool {
+    let sub = Packet::new(scanout as u16, Message::Subscribe { scanout_id: scanout });
+    write_packet(s, &sub, &mut BytesMut::new()).unwrap();
+    let p = read_packet(s, &mut FrameDecoder::default(), &mut BytesMut::new()).unwrap();
+    match p.message {
+        Message::SubscribeResp { scanout_id, success } if scanout_id == scanout => success,
+        other => panic!("expected SUBSCRIBE_RESP, got {other:?}"),
+    }
+}
+
+#[test]
+fn each_connection_subscribes_in_its_own_vm_only() {
+    let vms = TwoVms { unix: Arc::default(), tcp: Arc::default() };
+    vms.unix.flip(0, picture(pattern(0)));
+    vms.tcp.flip(5, picture(pattern(1)));
+    let host =
+        Host::start(HostConfig { encoder: EncoderKind::X264, scanouts: Some(Arc::new(vms)), ..Default::default() });
+    let mut u = UnixStream::connect(&host.unix).unwrap();
+    u.set_read_timeout(Some(TIMEOUT)).unwrap();
+    assert!(!subscribed(&mut u, 5), "the other VM's scanout 5");
+    let addr = match &host.handle.addrs[1] {
+        hxfr_host::ListenAddr::Tcp(a) => *a,
+        _ => unreachable!(),
+    };
+    let mut t = std::net::TcpStream::connect(addr).unwrap();
+    t.set_read_timeout(Some(TIMEOUT)).unwrap();
+    assert!(!subscribed(&mut t, 0), "the other VM's scanout 0");
+    assert!(subscribed(&mut t, 5));
+    let mut sub = Subscriber::subscribe(&host, 0, 0).expect("its own VM's scanout 0");
+    assert_idr(&sub.frame(TIMEOUT).unwrap());
+    assert_eq!(host.handle.encoders().live, 2, "one encoder per VM's scanout");
 }
