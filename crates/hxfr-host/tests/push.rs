@@ -434,10 +434,13 @@ impl ScanoutSource for TwoVms {
     }
 }
 
-fn subscribed<S: std::io::Read + std::io::Write>(s: &mut S, scanout: u32) -> bool {
+/// A stream with what has been read ahead of the next message.
+type Reading = (FrameDecoder, BytesMut);
+
+fn subscribed<S: std::io::Read + std::io::Write>(s: &mut S, r: &mut Reading, scanout: u32) -> bool {
     let sub = Packet::new(scanout as u16, Message::Subscribe { scanout_id: scanout });
     write_packet(s, &sub, &mut BytesMut::new()).unwrap();
-    let p = read_packet(s, &mut FrameDecoder::default(), &mut BytesMut::new()).unwrap();
+    let p = read_packet(s, &mut r.0, &mut r.1).unwrap();
     match p.message {
         Message::SubscribeResp { scanout_id, success } if scanout_id == scanout => success,
         other => panic!("expected SUBSCRIBE_RESP, got {other:?}"),
@@ -453,15 +456,18 @@ fn each_connection_subscribes_in_its_own_vm_only() {
         Host::start(HostConfig { encoder: EncoderKind::X264, scanouts: Some(Arc::new(vms)), ..Default::default() });
     let mut u = UnixStream::connect(&host.unix).unwrap();
     u.set_read_timeout(Some(TIMEOUT)).unwrap();
-    assert!(!subscribed(&mut u, 5), "the other VM's scanout 5");
+    assert!(!subscribed(&mut u, &mut Reading::default(), 5), "the other VM's scanout 5");
     let addr = match &host.handle.addrs[1] {
         hxfr_host::ListenAddr::Tcp(a) => *a,
         _ => unreachable!(),
     };
     let mut t = std::net::TcpStream::connect(addr).unwrap();
     t.set_read_timeout(Some(TIMEOUT)).unwrap();
-    assert!(!subscribed(&mut t, 0), "the other VM's scanout 0");
-    assert!(subscribed(&mut t, 5));
+    let mut r = Reading::default();
+    assert!(!subscribed(&mut t, &mut r, 0), "the other VM's scanout 0");
+    assert!(subscribed(&mut t, &mut r, 5));
+    let p = read_packet(&mut t, &mut r.0, &mut r.1).unwrap();
+    assert!(matches!(p.message, Message::FrameResponse(ref r) if r.is_keyframe), "{p:?}");
     let mut sub = Subscriber::subscribe(&host, 0, 0).expect("its own VM's scanout 0");
     assert_idr(&sub.frame(TIMEOUT).unwrap());
     assert_eq!(host.handle.encoders().live, 2, "one encoder per VM's scanout");
