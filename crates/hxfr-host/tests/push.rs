@@ -472,3 +472,38 @@ fn each_connection_subscribes_in_its_own_vm_only() {
     assert_idr(&sub.frame(TIMEOUT).unwrap());
     assert_eq!(host.handle.encoders().live, 2, "one encoder per VM's scanout");
 }
+
+#[test]
+fn config_req_on_a_subscription_sets_rate_and_fps_without_an_answer() {
+    let scanouts = Arc::new(MemoryScanouts::default());
+    let host = start(&scanouts);
+    scanouts.flip(0, picture(pattern(0)));
+    let mut sub = Subscriber::subscribe(&host, 0, 4_000_000).unwrap();
+    assert_idr(&sub.frame(TIMEOUT).unwrap());
+    // 5 fps at 1 Mbit/s: the encoder is rebuilt (an IDR), and no CONFIG_RESP comes.
+    let c = ConfigReq {
+        width: W,
+        height: H,
+        bitrate: 1_000_000,
+        fps_num: 5,
+        fps_den: 1,
+        profile: 66,
+        level_x10: 40,
+        realtime: true,
+    };
+    sub.send(Message::ConfigReq(c));
+    sub.assert_quiet("CONFIG_REQ is not answered");
+    let flip = scanouts.flip(0, picture(pattern(1)));
+    let r = sub.frame(TIMEOUT).unwrap();
+    assert_eq!(r.pts, flip.at_ns as i64);
+    assert_idr(&r);
+    // Flips every 20 ms for 400 ms: at most 5 a second get encoded.
+    let mut last = flip;
+    for i in 2..22 {
+        std::thread::sleep(Duration::from_millis(20));
+        last = scanouts.flip(0, picture(pattern(i)));
+    }
+    let frames = sub.frames_until(last.at_ns);
+    assert!(frames.len() <= 4, "{} frames for 20 flips in 400 ms at 5 fps", frames.len());
+    assert!(frames.iter().all(|r| !r.is_keyframe));
+}
