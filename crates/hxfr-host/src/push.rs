@@ -309,12 +309,15 @@ impl Worker {
                 break;
             }
             self.pending |= inbox.flipped;
-            if let Some(c) = inbox.config {
-                self.configure(c);
-                self.hold = None;
-            }
-            if self.encoder.is_none() && self.last_encode.is_none() && !inbox.joins.is_empty() {
-                self.hold = Some(Instant::now() + CONFIG_GRACE);
+            match inbox.config {
+                Some(c) => {
+                    self.configure(c);
+                    self.hold = None;
+                }
+                None if self.last_encode.is_none() && !inbox.joins.is_empty() => {
+                    self.hold = Some(Instant::now() + CONFIG_GRACE);
+                }
+                None => {}
             }
             if inbox.keyframe || !inbox.joins.is_empty() {
                 self.force = true;
