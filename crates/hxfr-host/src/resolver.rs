@@ -122,16 +122,6 @@ impl VmResolvers {
     }
 }
 
-/// Which of `vms` VMs a connection belongs to: the one its listener or
-/// `--connect` socket is bound to, or, with one VM and no bindings, that one.
-pub(crate) fn vm_of(bindings: &HashMap<String, usize>, vms: usize, peer: Peer<'_>) -> Option<usize> {
-    match bindings.get(peer.via) {
-        Some(&i) => Some(i),
-        None if bindings.is_empty() && vms == 1 => Some(0),
-        None => None,
-    }
-}
-
 /// What a connection bound to no VM resolves: nothing.
 struct Unbound(String);
 
@@ -148,7 +138,12 @@ impl ResourceResolver for VmResolvers {
     }
 
     fn scope(&self, peer: Peer<'_>) -> Option<Arc<dyn ResourceResolver>> {
-        Some(match vm_of(&self.bindings, self.vms.len(), peer) {
+        let vm = match self.bindings.get(peer.via) {
+            Some(&i) => Some(i),
+            None if self.bindings.is_empty() && self.vms.len() == 1 => Some(0),
+            None => None,
+        };
+        Some(match vm {
             Some(i) => self.vms[i].1.clone(),
             None => Arc::new(Unbound(format!(
                 "{} came through {}, which is bound to no VM's GPU (give --listen/--connect as NAME@ADDR)",

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::resolver::{Peer, ResolveError, Resolved, vm_of};
+use crate::resolver::{Peer, ResolveError, Resolved};
 
 /// A scanout changed: the guest flushed it (RESOURCE_FLUSH) or pointed it at
 /// another resource (SET_SCANOUT).
@@ -129,65 +129,6 @@ impl ScanoutSource for MemoryScanouts {
     }
 }
 
-/// Several VMs' scanouts, each connection scoped to its own VM's, by the
-/// same rule as [`VmResolvers`](crate::VmResolvers): the VM its listener or
-/// `--connect` socket is bound to; with one VM and no bindings, that one. A
-/// connection bound to no VM can subscribe to nothing.
-pub struct VmScanouts {
-    vms: Vec<(String, Arc<dyn ScanoutSource>)>,
-    /// `Peer::via` → index into `vms`.
-    bindings: HashMap<String, usize>,
-}
-
-impl VmScanouts {
-    /// `vms`: each VM's name and scanouts.
-    pub fn new(vms: Vec<(String, Arc<dyn ScanoutSource>)>) -> VmScanouts {
-        VmScanouts { vms, bindings: HashMap::new() }
-    }
-
-    /// Connections that come through `via` (a listen address as `--listen`
-    /// names it, or `unix:PATH` of a `--connect` socket) belong to VM `name`.
-    pub fn bind(&mut self, via: String, name: &str) -> Result<(), String> {
-        let i = self.vms.iter().position(|(n, _)| n == name).ok_or_else(|| {
-            let known: Vec<&str> = self.vms.iter().map(|(n, _)| n.as_str()).collect();
-            format!("{via} is bound to VM {name:?}, which has no --vhost-user-gpu (known: {known:?})")
-        })?;
-        self.bindings.insert(via, i);
-        Ok(())
-    }
-}
-
-/// What a connection bound to no VM sees: no scanouts.
-struct NoScanouts;
-
-impl ScanoutSource for NoScanouts {
-    fn watch(&self, _: u32) -> Option<watch::Receiver<Flip>> {
-        None
-    }
-
-    fn picture(&self, scanout_id: u32) -> Result<Resolved, ResolveError> {
-        Err(ResolveError::NotFound(scanout_id))
-    }
-}
-
-impl ScanoutSource for VmScanouts {
-    /// Only reached unscoped, which `scope` never leaves a connection.
-    fn watch(&self, _: u32) -> Option<watch::Receiver<Flip>> {
-        None
-    }
-
-    fn picture(&self, scanout_id: u32) -> Result<Resolved, ResolveError> {
-        Err(ResolveError::NotFound(scanout_id))
-    }
-
-    fn scope(&self, peer: Peer<'_>) -> Option<Arc<dyn ScanoutSource>> {
-        Some(match vm_of(&self.bindings, self.vms.len(), peer) {
-            Some(i) => self.vms[i].1.clone(),
-            None => Arc::new(NoScanouts),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -216,26 +157,5 @@ mod tests {
         assert!(rx.same_channel(&s.watch(3).unwrap()));
         s.remove(3);
         assert!(rx.has_changed().is_err(), "a removed scanout closes its channel");
-    }
-
-    #[test]
-    fn each_connection_sees_only_its_own_vms_scanouts() {
-        let vm = |id: u32| {
-            let m = MemoryScanouts::default();
-            m.add(id);
-            Arc::new(m) as Arc<dyn ScanoutSource>
-        };
-        let peer = |via| Peer { conn_id: 1, addr: "tcp:127.0.0.1:5", via };
-        let one = VmScanouts::new(vec![("vm1".into(), vm(0))]);
-        assert!(one.scope(peer("tcp:127.0.0.1:15937")).unwrap().watch(0).is_some(), "one VM serves everyone");
-        let mut two = VmScanouts::new(vec![("a".into(), vm(0)), ("b".into(), vm(1))]);
-        two.bind("unix:/run/a.sock".into(), "a").unwrap();
-        two.bind("vsock:5000".into(), "b").unwrap();
-        let (a, b) = (two.scope(peer("unix:/run/a.sock")).unwrap(), two.scope(peer("vsock:5000")).unwrap());
-        assert!(a.watch(0).is_some() && a.watch(1).is_none());
-        assert!(b.watch(1).is_some() && b.watch(0).is_none());
-        let stray = two.scope(peer("tcp:127.0.0.1:15937")).unwrap();
-        assert!(stray.watch(0).is_none() && stray.watch(1).is_none(), "bound to no VM: nothing");
-        assert!(two.bind("x".into(), "c").unwrap_err().contains("no --vhost-user-gpu"));
     }
 }
