@@ -7,19 +7,23 @@
 //! in the host's mapping (zero copy), otherwise row by row into one buffer.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hxfr_proto::{Fourcc, Layout, PixelFormat};
+use hxfr_virtio_gpu::protocol::{MAX_SCANOUTS, Rect};
 pub use hxfr_virtio_gpu::{Config, GpuDevice};
-use hxfr_virtio_gpu::{Resources, SnapshotError};
+use hxfr_virtio_gpu::{Resources, ScanoutEvent, SnapshotError};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::resolver::{ResolveError, Resolved, ResourceResolver};
+use crate::scanout::{Flip, ScanoutSource, monotonic_ns};
 
 /// One VM's GPU device, as a [`ResourceResolver`].
+#[derive(Clone)]
 pub struct GpuResolver {
     resources: Resources,
 }
@@ -53,6 +57,11 @@ impl ResourceResolver for GpuResolver {
 /// for the next. Returns once the socket listens, so QEMU can be started,
 /// or the error if it cannot listen.
 pub fn spawn_device(name: &str, socket: &Path, config: Config) -> Result<GpuDevice, String> {
+    // The listener replaces a stale socket file; a live one is another
+    // device's (a second `hxfr host`), which QEMU is talking to: leave it.
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Err(format!("vhost-user-gpu {name}: {} is served by another process", socket.display()));
+    }
     let device = GpuDevice::new(config);
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
     let (dev, path, label) = (device.clone(), socket.to_owned(), name.to_owned());
@@ -90,5 +99,96 @@ pub fn spawn_device(name: &str, socket: &Path, config: Config) -> Result<GpuDevi
         Ok(Ok(())) => Ok(device),
         Ok(Err(e)) => Err(format!("vhost-user-gpu {name}: {e}")),
         Err(_) => Err(format!("vhost-user-gpu {name}: {} did not start listening within 10 s", socket.display())),
+    }
+}
+
+/// One VM's displays for the push engine (SUBSCRIBE): every SET_SCANOUT to
+/// a resource and every RESOURCE_FLUSH of a scanout is a flip; the picture
+/// is the scanout's rect of its resource, read from the backing pages when
+/// the encoder is about to read it (in place: the rect is a window into the
+/// resource's rows).
+/// What each scanout shows: (resource id, rect), `None` when disabled.
+type Shown = Arc<Mutex<[Option<(u32, Rect)>; MAX_SCANOUTS]>>;
+
+pub struct GpuScanouts {
+    resources: Resources,
+    shown: Shown,
+    flips: Arc<[watch::Sender<Flip>; MAX_SCANOUTS]>,
+}
+
+impl GpuScanouts {
+    /// Watches `device`'s scanouts (it becomes the device's observer).
+    pub fn attach(device: &GpuDevice) -> Arc<GpuScanouts> {
+        let s = Arc::new(GpuScanouts {
+            resources: device.resources(),
+            shown: Arc::new(Mutex::new([None; MAX_SCANOUTS])),
+            flips: Arc::new(std::array::from_fn(|_| watch::channel(Flip::default()).0)),
+        });
+        let (shown, flips) = (s.shown.clone(), s.flips.clone());
+        // A page flip is SET_SCANOUT to the new buffer and at once a flush of
+        // all of it; the buffer was complete at the SET (its pixels live in
+        // the pages the encoder reads), so that flush is no new picture.
+        let just_set: Mutex<[bool; MAX_SCANOUTS]> = Mutex::new([false; MAX_SCANOUTS]);
+        device.set_observer(Some(Arc::new(move |e: ScanoutEvent| {
+            // On the device's thread: short locks, and a watch send (never
+            // blocks; the newest flip wins).
+            let id = match e {
+                ScanoutEvent::Set { scanout_id, .. } | ScanoutEvent::Flush { scanout_id, .. } => scanout_id as usize,
+            };
+            if id >= MAX_SCANOUTS {
+                return;
+            }
+            let mut set = just_set.lock().unwrap_or_else(|p| p.into_inner());
+            let flipped = match e {
+                ScanoutEvent::Set { resource_id, rect, .. } => {
+                    let mut shown = shown.lock().unwrap_or_else(|p| p.into_inner());
+                    let changed = shown[id] != Some((resource_id, rect)) && resource_id != 0;
+                    shown[id] = (resource_id != 0).then_some((resource_id, rect));
+                    set[id] = changed;
+                    changed
+                }
+                ScanoutEvent::Flush { rect, .. } => {
+                    let shown = shown.lock().unwrap_or_else(|p| p.into_inner());
+                    let whole = shown[id].is_some_and(|(_, r)| r.intersect(&rect) == r);
+                    !(std::mem::take(&mut set[id]) && whole)
+                }
+            };
+            if flipped {
+                let at_ns = monotonic_ns();
+                flips[id].send_modify(|f| *f = Flip { seq: f.seq + 1, at_ns });
+            }
+        })));
+        s
+    }
+}
+
+impl ScanoutSource for GpuScanouts {
+    fn watch(&self, scanout_id: u32) -> Option<watch::Receiver<Flip>> {
+        let shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        shown.get(scanout_id as usize)?.as_ref()?;
+        Some(self.flips[scanout_id as usize].subscribe())
+    }
+
+    fn picture(&self, scanout_id: u32) -> Result<Resolved, ResolveError> {
+        let shown = *self
+            .shown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(scanout_id as usize)
+            .ok_or(ResolveError::NotFound(scanout_id))?;
+        let (resource_id, rect) = shown.ok_or(ResolveError::NotFound(scanout_id))?;
+        let full = GpuResolver::new(self.resources.clone()).resolve(resource_id)?;
+        let mut layout = full.layout;
+        // H.264 4:2:0 wants even sizes: an odd last row or column is left out.
+        let (w, h) = (rect.width & !1, rect.height & !1);
+        if rect.x.saturating_add(w) > layout.width || rect.y.saturating_add(h) > layout.height || w == 0 || h == 0 {
+            return Err(ResolveError::Unusable {
+                id: resource_id,
+                why: format!("scanout rect {rect:?} is not inside it"),
+            });
+        }
+        layout.offsets[0] += rect.y as u64 * layout.strides[0] + rect.x as u64 * 4;
+        (layout.width, layout.height) = (w, h);
+        Ok(Resolved { data: full.data, layout })
     }
 }

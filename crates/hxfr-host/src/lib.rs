@@ -61,8 +61,8 @@ pub use budget::BufferGauge;
 pub use conn::StreamKind;
 pub use encoder::EncoderGauge;
 pub use reader::MessageDeadline;
-pub use resolver::{MemoryResolver, Peer, ResolveError, Resolved, ResourceResolver, VmResolvers};
-pub use scanout::{Flip, MemoryScanouts, ScanoutSource, monotonic_ns};
+pub use resolver::{MemoryResolver, Peer, ResolveError, Resolved, ResourceResolver, VmResolvers, Vms};
+pub use scanout::{Flip, MemoryScanouts, ScanoutSource, VmScanouts, monotonic_ns};
 pub use shm::ShmRegion;
 pub use stats::{SessionInfo, Snapshot, StatsRegistry};
 

@@ -93,21 +93,21 @@ impl ResourceResolver for MemoryResolver {
     }
 }
 
-/// Several VMs' resolvers, each connection scoped to its own VM's: a
+/// Several VMs' devices, and which connections belong to which VM: a
 /// connection that came through a listener or `--connect` socket bound to a
-/// VM resolves ids in that VM only; with one VM and no bindings, every
-/// connection belongs to it. A connection bound to no VM resolves nothing
-/// (ERROR -2 saying so), so one VM can never name another's resources.
-pub struct VmResolvers {
-    vms: Vec<(String, Arc<dyn ResourceResolver>)>,
+/// VM is that VM's; with one VM and no bindings, every connection is. A
+/// connection bound to no VM gets nothing from any of them, so one VM can
+/// never name another's resources or watch its displays.
+pub struct Vms<T: ?Sized> {
+    vms: Vec<(String, Arc<T>)>,
     /// `Peer::via` → index into `vms`.
     bindings: HashMap<String, usize>,
 }
 
-impl VmResolvers {
-    /// `vms`: each VM's name and resolver.
-    pub fn new(vms: Vec<(String, Arc<dyn ResourceResolver>)>) -> VmResolvers {
-        VmResolvers { vms, bindings: HashMap::new() }
+impl<T: ?Sized> Vms<T> {
+    /// `vms`: each VM's name and its part (resolver, scanouts).
+    pub fn new(vms: Vec<(String, Arc<T>)>) -> Vms<T> {
+        Vms { vms, bindings: HashMap::new() }
     }
 
     /// Connections that come through `via` (a listen address as `--listen`
@@ -120,7 +120,22 @@ impl VmResolvers {
         self.bindings.insert(via, i);
         Ok(())
     }
+
+    /// The VM `peer` belongs to, or why none.
+    pub fn of(&self, peer: Peer<'_>) -> Result<&Arc<T>, String> {
+        match self.bindings.get(peer.via) {
+            Some(&i) => Ok(&self.vms[i].1),
+            None if self.bindings.is_empty() && self.vms.len() == 1 => Ok(&self.vms[0].1),
+            None => Err(format!(
+                "{} came through {}, which is bound to no VM's GPU (give --listen/--connect as NAME@ADDR)",
+                peer.addr, peer.via
+            )),
+        }
+    }
 }
+
+/// Each connection resolves ids in its own VM's device only ([`Vms`]).
+pub struct VmResolvers(pub Vms<dyn ResourceResolver>);
 
 /// What a connection bound to no VM resolves: nothing.
 struct Unbound(String);
@@ -138,17 +153,9 @@ impl ResourceResolver for VmResolvers {
     }
 
     fn scope(&self, peer: Peer<'_>) -> Option<Arc<dyn ResourceResolver>> {
-        let vm = match self.bindings.get(peer.via) {
-            Some(&i) => Some(i),
-            None if self.bindings.is_empty() && self.vms.len() == 1 => Some(0),
-            None => None,
-        };
-        Some(match vm {
-            Some(i) => self.vms[i].1.clone(),
-            None => Arc::new(Unbound(format!(
-                "{} came through {}, which is bound to no VM's GPU (give --listen/--connect as NAME@ADDR)",
-                peer.addr, peer.via
-            ))),
+        Some(match self.0.of(peer) {
+            Ok(vm) => vm.clone(),
+            Err(why) => Arc::new(Unbound(why)),
         })
     }
 }
@@ -171,15 +178,17 @@ mod tests {
 
     #[test]
     fn one_vm_without_bindings_serves_every_connection() {
-        let r = VmResolvers::new(vec![("vm1".into(), vm_with(7))]);
+        let r = VmResolvers(Vms::new(vec![("vm1".into(), vm_with(7))]));
         assert!(r.scope(peer("tcp:127.0.0.1:15937")).unwrap().resolve(7).is_ok());
     }
 
     #[test]
     fn each_connection_sees_only_its_own_vms_resources() {
-        let mut r = VmResolvers::new(vec![("a".into(), vm_with(1)), ("b".into(), vm_with(2))]);
-        r.bind("unix:/run/a.sock".into(), "a").unwrap();
-        r.bind("vsock:5000".into(), "b").unwrap();
+        let mut vms = Vms::new(vec![("a".into(), vm_with(1)), ("b".into(), vm_with(2))]);
+        vms.bind("unix:/run/a.sock".into(), "a").unwrap();
+        vms.bind("vsock:5000".into(), "b").unwrap();
+        assert!(vms.bind("x".into(), "c").unwrap_err().contains("no --vhost-user-gpu"));
+        let r = VmResolvers(vms);
         let a = r.scope(peer("unix:/run/a.sock")).unwrap();
         let b = r.scope(peer("vsock:5000")).unwrap();
         assert!(a.resolve(1).is_ok() && b.resolve(2).is_ok());
@@ -187,6 +196,5 @@ mod tests {
         assert!(matches!(b.resolve(1), Err(ResolveError::NotFound(1))));
         let stray = r.scope(peer("tcp:127.0.0.1:15937")).unwrap().resolve(1).unwrap_err().to_string();
         assert!(stray.contains("bound to no VM"), "{stray}");
-        assert!(r.bind("x".into(), "c").unwrap_err().contains("no --vhost-user-gpu"));
     }
 }

@@ -129,6 +129,37 @@ impl ScanoutSource for MemoryScanouts {
     }
 }
 
+/// Each connection watches its own VM's scanouts only ([`crate::Vms`]); a
+/// connection bound to no VM sees none (SUBSCRIBE answered success = 0).
+pub struct VmScanouts(pub crate::Vms<dyn ScanoutSource>);
+
+/// What a connection bound to no VM may watch: nothing.
+struct NoScanouts;
+
+impl ScanoutSource for NoScanouts {
+    fn watch(&self, _scanout_id: u32) -> Option<watch::Receiver<Flip>> {
+        None
+    }
+    fn picture(&self, scanout_id: u32) -> Result<Resolved, ResolveError> {
+        Err(ResolveError::NotFound(scanout_id))
+    }
+}
+
+impl ScanoutSource for VmScanouts {
+    fn watch(&self, _scanout_id: u32) -> Option<watch::Receiver<Flip>> {
+        None // only reached unscoped, which `scope` never leaves a connection
+    }
+    fn picture(&self, scanout_id: u32) -> Result<Resolved, ResolveError> {
+        Err(ResolveError::NotFound(scanout_id))
+    }
+    fn scope(&self, peer: Peer<'_>) -> Option<Arc<dyn ScanoutSource>> {
+        Some(match self.0.of(peer) {
+            Ok(vm) => vm.clone(),
+            Err(_) => Arc::new(NoScanouts),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;

@@ -6,6 +6,9 @@
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 #[cfg(feature = "decode")]
+#[cfg(unix)]
+pub mod subscriber;
+
 use bytes::Bytes;
 #[cfg(feature = "decode")]
 use gst::prelude::*;

@@ -376,16 +376,15 @@ impl VhostUserBackend for Backend {
     }
 
     /// 2D only: no VIRGL, RESOURCE_BLOB or CONTEXT_INIT (see the crate doc).
+    /// RING_RESET: QEMU 10 acks it on the device's behalf whatever we
+    /// offer, and SET_FEATURES with a bit we did not offer is refused (QEMU
+    /// then cannot start the device). The Linux driver never resets a queue.
     fn features(&self) -> u64 {
         1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_F_RING_RESET
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_GPU_F_EDID
-            // QEMU offers the guest VIRTIO_F_RING_RESET on its own (it is not
-            // among the bits vhost-user-gpu masks with ours) and then passes
-            // the guest's ack on: SET_FEATURES with a bit we did not offer
-            // would end the connection. The 2D driver never resets a queue.
-            | 1 << VIRTIO_F_RING_RESET
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 

@@ -73,6 +73,7 @@
 //! resource's pixels by id from other threads; [`edid`] makes an EDID
 //! when QEMU is not there to.
 
+#![cfg(target_os = "linux")]
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 pub mod backend;

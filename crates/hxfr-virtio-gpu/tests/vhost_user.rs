@@ -3,6 +3,8 @@
 //! as QEMU does, requests are kicked and their responses read back, and the
 //! host reads a resource by id from another thread while the device runs.
 
+#![cfg(target_os = "linux")]
+
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc;

@@ -16,6 +16,8 @@
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
+mod flip;
+
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,7 +37,7 @@ use hxfr_testkit::{Content, pattern_bgrx, pattern_nv12};
 #[command(version, about = "Send test frames to an hxfr host from inside a VM")]
 struct Args {
     /// tcp:HOST:PORT, unix:PATH, vsock:CID:PORT or serial:PATH
-    #[arg(long, required_unless_present = "gpu_resource")]
+    #[arg(long, required_unless_present_any = ["gpu_resource", "flips"])]
     host: Option<HostAddr>,
     /// Send nothing: create a WIDTHxHEIGHT dumb buffer on the virtio-gpu
     /// card, export it as a DMA-BUF and print the resource id vsockenc's
@@ -53,6 +55,18 @@ struct Args {
     /// and a buffer freed just before) and count their ERRORs in `errors=`.
     #[arg(long, requires = "resource")]
     resource_faults: bool,
+    /// Send nothing: set a mode on a virtio-gpu connector and page-flip N
+    /// times, drawing frame i of the test pattern before flip i (the scanout
+    /// push tests; see flip.rs). --size picks the mode, --pace-ms spaces the
+    /// flips.
+    #[arg(long, value_name = "N")]
+    flips: Option<u32>,
+    /// With --flips: which connected connector (0: the first).
+    #[arg(long, default_value_t = 0)]
+    connector: usize,
+    /// With --flips: how long the display then holds still, in ms.
+    #[arg(long, default_value_t = 1000)]
+    hold_ms: u64,
     /// With --resource: ask the host for this many bits per second (CONFIG_REQ).
     #[arg(long, requires = "resource")]
     bitrate: Option<u32>,
@@ -128,6 +142,32 @@ fn main() -> ExitCode {
         return match gpu_resource(size) {
             Ok(id) => {
                 println!("HXFR-GPU-RESOURCE id={id}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                log(format!("error: {e}"));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(n) = args.flips {
+        let f = flip::Flips {
+            card: match virtio_card() {
+                Ok(c) => c,
+                Err(e) => {
+                    log(format!("error: {e}"));
+                    return ExitCode::FAILURE;
+                }
+            },
+            connector: args.connector,
+            size: (args.size.width, args.size.height),
+            flips: n,
+            pace: Duration::from_millis(args.pace_ms),
+            hold: Duration::from_millis(args.hold_ms),
+        };
+        return match flip::run(&f) {
+            Ok((w, h)) => {
+                println!("HXFR-FLIPS done flips={n} {w}x{h}");
                 ExitCode::SUCCESS
             }
             Err(e) => {

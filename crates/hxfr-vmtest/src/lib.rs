@@ -355,6 +355,20 @@ pub fn read_records(path: &Path) -> Vec<(u32, Bytes)> {
     out
 }
 
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A process the test started (vhost-device-vsock), ended by its pid on drop.
 pub struct Daemon(pub Child);
 
@@ -367,14 +381,7 @@ impl Drop for Daemon {
 
 /// Waits until `path` exists (a socket a daemon creates), up to `timeout`.
 pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if path.exists() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    wait_until(timeout, || path.exists())
 }
 
 /// Cuts an Annex-B byte stream (what `h264parse ! filesink` writes) into

@@ -351,6 +351,14 @@ const RESOURCE_GUEST: &str = "--resource --resource-faults";
 /// The host as the VM's GPU: `hxfr_host::gpu` serves QEMU's
 /// vhost-user-gpu-pci, and a host whose connections resolve ids there.
 fn gpu_host(gpu_sock: &Path, listen: Vec<ListenAddr>, connect: Vec<PathBuf>) -> HostHandle {
+    gpu_host_and_device(gpu_sock, listen, connect).0
+}
+
+fn gpu_host_and_device(
+    gpu_sock: &Path,
+    listen: Vec<ListenAddr>,
+    connect: Vec<PathBuf>,
+) -> (HostHandle, hxfr_host::gpu::GpuDevice) {
     // RUST_LOG=debug shows the device's side of a failure.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -359,9 +367,15 @@ fn gpu_host(gpu_sock: &Path, listen: Vec<ListenAddr>, connect: Vec<PathBuf>) -> 
     let dev = hxfr_host::gpu::spawn_device("vm", gpu_sock, hxfr_host::gpu::Config::default()).unwrap();
     let gpu: std::sync::Arc<dyn hxfr_host::ResourceResolver> =
         std::sync::Arc::new(hxfr_host::gpu::GpuResolver::new(dev.resources()));
-    let resolver = std::sync::Arc::new(hxfr_host::VmResolvers::new(vec![("vm".into(), gpu)]));
-    let cfg = HostConfig { encoder: hxfr_encode::EncoderKind::X264, resolver: Some(resolver), ..HostConfig::default() };
-    hxfr_host::spawn(cfg, listen, connect).expect("host")
+    let resolver = std::sync::Arc::new(hxfr_host::VmResolvers(hxfr_host::Vms::new(vec![("vm".into(), gpu)])));
+    let scanouts: std::sync::Arc<dyn hxfr_host::ScanoutSource> = hxfr_host::gpu::GpuScanouts::attach(&dev);
+    let cfg = HostConfig {
+        encoder: hxfr_encode::EncoderKind::X264,
+        resolver: Some(resolver),
+        scanouts: Some(scanouts),
+        ..HostConfig::default()
+    };
+    (hxfr_host::spawn(cfg, listen, connect).expect("host"), dev)
 }
 
 /// Each access unit decodes to the picture the guest drew for it: compared
@@ -486,4 +500,126 @@ fn gstreamer_guest_vsockenc_auto_picks_resource_mode_on_the_hosts_gpu() {
     let sent = relay.back.load(Relaxed);
     assert!(sent < 30 * 1024, "{sent} bytes on the socket for 30 frames");
     println!("guest → host: {sent} bytes for 30 frames");
+}
+
+/// Lifecycle: the device outlives its VMs. When a VM powers off the device
+/// forgets its resources (an old id resolves to nothing, nothing reads the
+/// old guest's memory), and a new QEMU on the same socket is served: its
+/// guest's frames resolve from its own pages.
+#[test]
+fn a_new_qemu_on_the_same_device_starts_from_an_empty_device() {
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (gpu, sock, out) = (dir.path().join("gpu.sock"), dir.path().join("frame.sock"), dir.path().join("out.bin"));
+    let (host, device) = gpu_host_and_device(&gpu, vec![], vec![sock.clone()]);
+    for boot in 0..2 {
+        let _ = std::fs::remove_file(&out);
+        let vm = Qemu::new(&img, &img.gpu)
+            .kernel(&img.generic_kernel)
+            .vhost_user_gpu(&gpu)
+            .port_socket(PORT, &sock)
+            .port_file(OUT, &out)
+            .run(&vmguest(&serial_addr(), 10, "--resource"));
+        let o = vm.finish(VM_TIMEOUT);
+        let r = assert_guest_ok(&o, 10);
+        assert_eq!(r.answered, 10, "boot {boot}:\n{}", o.console);
+        let records = read_records(&out);
+        assert_eq!(records.len(), 10, "boot {boot}");
+        check_drawn_pictures(&records.into_iter().map(|r| r.1).collect::<Vec<_>>());
+        let id: u32 = o
+            .console
+            .lines()
+            .find_map(|l| l.split("resource ").nth(1)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no resource id in the console:\n{}", o.console));
+        // QEMU is gone: so is everything its guest created.
+        let gone = hxfr_vmtest::wait_until(Duration::from_secs(10), || device.snapshot(id).is_err());
+        assert!(gone, "boot {boot}: resource {id} still resolves after the VM powered off");
+    }
+    assert_eq!(host_totals(&host).0, 20);
+}
+
+/// Scanout push (the guest does no per-frame work): the guest sets a 640x480
+/// mode and page-flips a drawn pattern 20 times, then holds still. A
+/// subscriber that keeps Helix's rules gets only one-entry FRAME_RESPONSEs;
+/// they decode to every picture the guest flipped to (PSNR ≥ 40 dB in YUV),
+/// in order, the first an IDR, and nothing comes while the guest is still.
+#[test]
+fn scanout_push_a_helix_subscriber_gets_every_flip_and_nothing_while_still() {
+    const FLIPS: u32 = 20;
+    let (w, h) = (640u32, 480u32);
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (gpu, listen) = (dir.path().join("gpu.sock"), dir.path().join("host.sock"));
+    let (host, _device) = gpu_host_and_device(&gpu, vec![ListenAddr::Unix(listen.clone())], vec![]);
+    let vm = Qemu::new(&img, &img.gpu)
+        .kernel(&img.generic_kernel)
+        .vhost_user_gpu(&gpu)
+        .run(&format!("hxfr-vmguest --flips {FLIPS} --size {w}x{h} --pace-ms 300 --hold-ms 4000"));
+    // Scanout 0 exists once the guest's console has set it (early in boot).
+    let config = hxfr_testkit::subscriber::helix_config(w, h, 4_000_000);
+    let mut sub = None;
+    let found = hxfr_vmtest::wait_until(Duration::from_secs(60), || {
+        let s = hxfr_testkit::subscriber::Subscriber::subscribe(&listen, 0, config);
+        sub = s.expect("subscribing");
+        sub.is_some()
+    });
+    assert!(found, "scanout 0 never appeared:\n{}", vm.console());
+    let mut sub = sub.unwrap();
+    // Frames until the last flip's picture has come and the guest has held
+    // still for two seconds after it (it holds for four).
+    let mut aus: Vec<Bytes> = Vec::new();
+    let mut last_flip_seen_at = None;
+    loop {
+        let wait = match last_flip_seen_at {
+            Some(t) => Duration::from_secs(2).saturating_sub(std::time::Instant::now().duration_since(t)),
+            None => Duration::from_secs(30),
+        };
+        match sub.frame(wait).unwrap_or_else(|e| panic!("{e}\n{}", vm.console())) {
+            Some(r) => {
+                assert!(last_flip_seen_at.is_none(), "a frame while the guest held still:\n{}", vm.console());
+                if aus.is_empty() {
+                    assert!(r.is_keyframe, "the first frame a subscriber gets is an IDR");
+                }
+                aus.push(r.to_annex_b());
+                if vm.console().contains(&format!("HXFR-FLIP {}", FLIPS - 1)) && last_flip_seen_at.is_none() {
+                    // The last flip happened; its frame may be this one or the next.
+                    if let Some(r) = sub.frame(Duration::from_secs(5)).unwrap() {
+                        aus.push(r.to_annex_b());
+                    }
+                    last_flip_seen_at = Some(std::time::Instant::now());
+                }
+            }
+            None if last_flip_seen_at.is_some() => break,
+            None => panic!("no frame for 30 s ({} so far):\n{}", aus.len(), vm.console()),
+        }
+    }
+    let o = vm.finish(VM_TIMEOUT);
+    assert!(o.console.contains(&format!("HXFR-FLIPS done flips={FLIPS} {w}x{h}")), "{}", o.console);
+    // The pictures at the guest's mode, matched to the patterns it drew.
+    let pictures = decode_h264(&aus, Output::Nv12).expect("decodes");
+    let ours: Vec<_> = pictures.iter().filter(|p| (p.width, p.height) == (w, h)).collect();
+    assert!(!ours.is_empty(), "no {w}x{h} picture among {}", pictures.len());
+    let drawn: Vec<Vec<u8>> = (0..FLIPS)
+        .map(|i| {
+            let px = pattern_bgrx(Content::Motion, w, h, w as usize * 4, i);
+            hxfr_testkit::bgrx_to_nv12(&px, w, h, w as usize * 4, &ours[0].colorimetry).unwrap()
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for pic in &ours {
+        let (i, db) = (0..FLIPS as usize)
+            .map(|i| (i, psnr(Output::Nv12, &drawn[i], w as usize, pic)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        assert!(db >= RESOURCE_PSNR, "a pushed picture matches no drawn one (best: flip {i} at {db:.1} dB)");
+        assert!(seen.last().is_none_or(|&l| l <= i), "pictures out of order: {seen:?} then {i}");
+        seen.push(i);
+    }
+    seen.dedup();
+    assert_eq!(seen, (0..FLIPS as usize).collect::<Vec<_>>(), "every flip's picture, in order");
+    // A flip is one picture (SET_SCANOUT and its flush are not two), and
+    // flips 300 ms apart are not coalesced.
+    assert_eq!(ours.len(), FLIPS as usize, "one frame per flip");
+    println!("{} frames pushed, {} at {w}x{h}, every one of {FLIPS} flips seen", aus.len(), ours.len());
+    drop(host);
 }

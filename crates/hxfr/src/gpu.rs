@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use hxfr_host::{ResourceResolver, VmResolvers};
+use hxfr_host::{ResourceResolver, ScanoutSource};
 
 /// One `--vhost-user-gpu`.
 pub struct GpuArg {
@@ -57,22 +57,24 @@ pub fn split_vm<'a>(arg: &'a str, vms: &[&str]) -> (Option<&'a str>, &'a str) {
     }
 }
 
-/// Starts every device and returns the resolver that routes each connection
-/// to its VM's. `vias` are the bound listeners' addresses, in `--listen` order.
+/// What the devices give the host: frames by resource id, and the VMs'
+/// displays for SUBSCRIBE, each routed to the connection's own VM.
+pub type Devices = (Option<Arc<dyn ResourceResolver>>, Option<Arc<dyn ScanoutSource>>);
+
+/// Starts every device. `vias` are the bound listeners' addresses, in
+/// `--listen` order.
 #[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
-pub fn start(
-    gpus: &[GpuArg],
-    bindings: &[(Via, String)],
-    vias: &[String],
-) -> Result<Option<Arc<dyn ResourceResolver>>> {
-    use hxfr_host::gpu::{Config, GpuResolver, spawn_device};
+pub fn start(gpus: &[GpuArg], bindings: &[(Via, String)], vias: &[String]) -> Result<Devices> {
+    use hxfr_host::gpu::{Config, GpuResolver, GpuScanouts, spawn_device};
+    use hxfr_host::{VmResolvers, VmScanouts, Vms};
     if gpus.is_empty() {
         if !bindings.is_empty() {
             bail!("NAME@ADDR needs a --vhost-user-gpu NAME=PATH");
         }
-        return Ok(None);
+        return Ok((None, None));
     }
     let mut vms: Vec<(String, Arc<dyn ResourceResolver>)> = Vec::new();
+    let mut displays: Vec<(String, Arc<dyn ScanoutSource>)> = Vec::new();
     for g in gpus {
         let dev = spawn_device(&g.name, &g.socket, Config::default()).map_err(anyhow::Error::msg)?;
         tracing::info!(
@@ -82,31 +84,29 @@ pub fn start(
             g.socket.display()
         );
         vms.push((g.name.clone(), Arc::new(GpuResolver::new(dev.resources()))));
+        displays.push((g.name.clone(), GpuScanouts::attach(&dev)));
     }
-    let mut router = VmResolvers::new(vms);
+    let (mut resolvers, mut scanouts) = (Vms::new(vms), Vms::new(displays));
     for (via, vm) in bindings {
         let key = match via {
             Via::Listen(i) => vias[*i].clone(),
             Via::Connect(p) => format!("unix:{}", p.display()),
         };
-        router.bind(key, vm).map_err(anyhow::Error::msg)?;
+        resolvers.bind(key.clone(), vm).map_err(anyhow::Error::msg)?;
+        scanouts.bind(key, vm).map_err(anyhow::Error::msg)?;
     }
     if gpus.len() > 1 && bindings.is_empty() {
-        tracing::warn!("several VMs and no NAME@ADDR bindings: no connection can name a resource");
+        tracing::warn!("several VMs and no NAME@ADDR bindings: no connection can name a resource or watch a display");
     }
-    Ok(Some(Arc::new(router)))
+    Ok((Some(Arc::new(VmResolvers(resolvers))), Some(Arc::new(VmScanouts(scanouts)))))
 }
 
 #[cfg(not(all(target_os = "linux", feature = "vhost-user-gpu")))]
-pub fn start(
-    gpus: &[GpuArg],
-    bindings: &[(Via, String)],
-    _vias: &[String],
-) -> Result<Option<Arc<dyn ResourceResolver>>> {
+pub fn start(gpus: &[GpuArg], bindings: &[(Via, String)], _vias: &[String]) -> Result<Devices> {
     if !gpus.is_empty() || !bindings.is_empty() {
         bail!("--vhost-user-gpu: this build has no vhost-user-gpu device (Linux only)");
     }
-    Ok(None)
+    Ok((None, None))
 }
 
 /// Removes the sockets the devices listened on: nothing is left behind.

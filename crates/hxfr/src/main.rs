@@ -193,7 +193,7 @@ fn host(a: HostArgs) -> Result<()> {
         },
         shm_path: a.shm,
         resolver: None, // set below, once listeners are bound
-        scanouts: None,
+        scanouts: None, // set below, with the resolver
         scanout_keepalive: None,
         stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
         allow_remote: a.allow_remote,
@@ -206,7 +206,7 @@ fn host(a: HostArgs) -> Result<()> {
         }
         let vias: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
         let mut config = config;
-        config.resolver = gpu::start(&gpus, &bindings, &vias)?;
+        (config.resolver, config.scanouts) = gpu::start(&gpus, &bindings, &vias)?;
         let host = hxfr_host::Host::new(config)?;
         info!("encoder: {}", host.encoder());
         let stats = host.stats();
