@@ -178,10 +178,13 @@ impl Conn {
             _ if u16::try_from(scanout_id).is_err() => None,
             // Subscribing again to the same scanout replaces the subscription.
             _ if self.subs.len() >= self.shared.max_sessions && !self.subs.contains_key(&sid) => {
-                warn!(scanout = scanout_id, "refused: more than {} subscriptions on one connection", self.subs.len());
+                warn!(
+                    scanout = scanout_id,
+                    "refused: more than {} subscriptions on one connection", self.shared.max_sessions
+                );
                 None
             }
-            Some(s) => self.shared.feeds.feed(s, scanout_id),
+            Some(s) => self.shared.feeds.feed(s, scanout_id, self.conn_id),
             None => None,
         };
         let success = feed.is_some();

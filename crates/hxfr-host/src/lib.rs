@@ -6,7 +6,10 @@
 //! serves Helix's C `vsockenc` element unchanged as well as ours.
 //!
 //! One tokio task reads each connection, one thread per session encodes, one
-//! task writes answers; every queue between them is bounded.
+//! task writes answers; every queue between them is bounded. In scanout push
+//! mode (SUBSCRIBE) one thread per subscribed scanout encodes its flips and
+//! offers each access unit to every subscriber's small queue, which that
+//! subscriber's writer drains.
 //!
 //! The modules depend one way: `lib` (listeners, accept and connect loops)
 //! → `conn` (one connection: dispatch and writer; `reader`, its bounded
@@ -309,7 +312,7 @@ impl Host {
             shm,
             resolver: config.resolver,
             scanouts: config.scanouts,
-            feeds: Arc::new(push::Feeds::new(encoders.clone(), config.scanout_keepalive)),
+            feeds: Arc::new(push::Feeds::new(encoders.clone(), config.scanout_keepalive, stats.clone())),
             stats: stats.clone(),
         });
         let acceptor = Arc::new(Acceptor {

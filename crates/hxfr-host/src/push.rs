@@ -32,34 +32,43 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::encoder::{EncoderFactory, LiveEncoder, OpenError};
 use crate::scanout::{Flip, ScanoutSource, monotonic_ns};
+use crate::stats::{SessionStats, StatsRegistry};
 
 /// Frames queued for one subscriber before its frames are dropped.
 pub(crate) const PUSH_QUEUE: usize = 4;
 /// The frame rate a feed caps itself at until a subscriber says otherwise.
 const DEFAULT_FPS: u32 = 60;
+/// How long a new feed waits for its first subscriber's CONFIG_REQ before
+/// its first frame (Helix's comes right after SUBSCRIBE_RESP): otherwise the
+/// config would rebuild the encoder, and cost an IDR, one frame later.
+const CONFIG_GRACE: Duration = Duration::from_millis(50);
 
 /// The feeds of a host, by scanout.
 pub(crate) struct Feeds {
     feeds: Mutex<Vec<Weak<Feed>>>,
     encoders: Arc<EncoderFactory>,
     keepalive: Option<Duration>,
+    stats: StatsRegistry,
 }
 
 impl Feeds {
-    pub fn new(encoders: Arc<EncoderFactory>, keepalive: Option<Duration>) -> Feeds {
-        Feeds { feeds: Mutex::default(), encoders, keepalive }
+    pub fn new(encoders: Arc<EncoderFactory>, keepalive: Option<Duration>, stats: StatsRegistry) -> Feeds {
+        Feeds { feeds: Mutex::default(), encoders, keepalive, stats }
     }
 
     /// The feed of `scanout_id` in `source`, started if none runs. `None`
-    /// when there is no such scanout (or no thread for it).
-    pub fn feed(&self, source: &Arc<dyn ScanoutSource>, scanout_id: u32) -> Option<Arc<Feed>> {
+    /// when there is no such scanout (or no thread for it). A new feed's
+    /// stats carry `conn_id` (its first subscriber's connection) and
+    /// session id = the scanout; `dropped` counts frames subscribers lost.
+    pub fn feed(&self, source: &Arc<dyn ScanoutSource>, scanout_id: u32, conn_id: u64) -> Option<Arc<Feed>> {
         let flips = source.watch(scanout_id)?;
         let mut feeds = self.feeds.lock().unwrap();
         feeds.retain(|f| f.strong_count() > 0);
         if let Some(f) = feeds.iter().filter_map(Weak::upgrade).find(|f| f.flips.same_channel(&flips)) {
             return Some(f);
         }
-        match Feed::start(source.clone(), scanout_id, flips, self.encoders.clone(), self.keepalive) {
+        let stats = self.stats.register(conn_id, scanout_id as u16, format!("scanout {scanout_id} (push)"));
+        match Feed::start(source.clone(), scanout_id, flips, self.encoders.clone(), self.keepalive, stats) {
             Ok(f) => {
                 feeds.push(Arc::downgrade(&f));
                 Some(f)
@@ -153,6 +162,7 @@ impl Feed {
         flips: watch::Receiver<Flip>,
         encoders: Arc<EncoderFactory>,
         keepalive: Option<Duration>,
+        stats: Arc<Mutex<SessionStats>>,
     ) -> std::io::Result<Arc<Feed>> {
         let mailbox = Arc::new(Mailbox::default());
         let span = info_span!("scanout", id = scanout_id);
@@ -164,10 +174,12 @@ impl Feed {
             mailbox: mailbox.clone(),
             encoders,
             encoder: None,
+            stats,
             keepalive,
             rate: Rate { bitrate: hxfr_proto::defaults::BITRATE, fps_num: DEFAULT_FPS, fps_den: 1, profile: 0 },
             subs: Vec::new(),
             pending: false,
+            hold: None,
             force: true,
             last_encode: None,
             last_seq: None,
@@ -254,11 +266,14 @@ struct Worker {
     mailbox: Arc<Mailbox>,
     encoders: Arc<EncoderFactory>,
     encoder: Option<LiveEncoder>,
+    stats: Arc<Mutex<SessionStats>>,
     keepalive: Option<Duration>,
     rate: Rate,
     subs: Vec<Sub>,
     /// A picture waits to be encoded (a flip, a join, a keyframe request, the keepalive).
     pending: bool,
+    /// No frame before this (a new feed waits for its CONFIG_REQ).
+    hold: Option<Instant>,
     /// The next frame must be an IDR.
     force: bool,
     last_encode: Option<Instant>,
@@ -279,7 +294,7 @@ impl Worker {
                 self.force = true;
             }
             let now = Instant::now();
-            let next = self.last_encode.map_or(now, |t| t + self.interval());
+            let next = self.last_encode.map_or(now, |t| t + self.interval()).max(self.hold.unwrap_or(now));
             if self.pending && now >= next {
                 self.encode();
                 continue;
@@ -294,8 +309,15 @@ impl Worker {
                 break;
             }
             self.pending |= inbox.flipped;
-            if let Some(c) = inbox.config {
-                self.configure(c);
+            match inbox.config {
+                Some(c) => {
+                    self.configure(c);
+                    self.hold = None;
+                }
+                None if self.last_encode.is_none() && !inbox.joins.is_empty() => {
+                    self.hold = Some(Instant::now() + CONFIG_GRACE);
+                }
+                None => {}
             }
             if inbox.keyframe || !inbox.joins.is_empty() {
                 self.force = true;
@@ -307,6 +329,7 @@ impl Worker {
             }
         }
         self.encoder = None;
+        self.stats.lock().unwrap().ended = Some(Instant::now());
         debug!("feed ended");
     }
 
@@ -339,6 +362,7 @@ impl Worker {
     /// Encodes the picture shown now and offers it to every subscriber.
     fn encode(&mut self) {
         self.pending = false;
+        self.hold = None;
         if self.subs.is_empty() {
             return;
         }
@@ -367,7 +391,8 @@ impl Worker {
         let repeat = self.last_seq == Some(flip.seq);
         let at = if repeat || flip.at_ns == 0 { monotonic_ns() } else { flip.at_ns };
         let pts = (at.min(i64::MAX as u64) as i64).max(self.last_pts.saturating_add(1));
-        self.last_encode = Some(Instant::now());
+        let started = Instant::now();
+        self.last_encode = Some(started);
         let enc = self.encoder.as_mut().expect("ensured above");
         let out = match enc.encode(&frame) {
             Ok(out) => out,
@@ -378,6 +403,9 @@ impl Worker {
             }
         };
         self.failures = 0;
+        let l = &pic.layout;
+        let bytes_in = (0..l.format.num_planes()).map(|p| (l.plane_end(p) - l.offsets[p]) as usize).sum();
+        self.stats.lock().unwrap().record_encode(started.elapsed(), bytes_in, out.data.len(), out.keyframe);
         self.last_seq = Some(flip.seq);
         self.last_pts = pts;
         if out.keyframe {
@@ -385,6 +413,7 @@ impl Worker {
         }
         let response = FrameResponse { pts, dts: pts, is_keyframe: out.keyframe, nals: vec![out.data] };
         let mut packet = Packet::new(self.session, Message::FrameResponse(response));
+        let mut dropped = 0;
         for s in &mut self.subs {
             if !s.synced && !out.keyframe {
                 continue; // waits for an IDR
@@ -397,9 +426,13 @@ impl Worker {
                         debug!("a subscriber is behind: dropping its frames until the next IDR");
                     }
                     s.synced = false;
+                    dropped += 1;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
+        }
+        if dropped > 0 {
+            self.stats.lock().unwrap().info.dropped += dropped;
         }
     }
 
@@ -419,6 +452,12 @@ impl Worker {
         cfg.bitrate = self.rate.bitrate;
         cfg.profile = self.rate.profile;
         let enc = self.encoders.open(&cfg)?;
+        {
+            let s = &mut self.stats.lock().unwrap().info;
+            s.encoder = enc.name().to_string();
+            s.width = frame.width;
+            s.height = frame.height;
+        }
         debug!(encoder = enc.name(), "{}x{} @ {} bit/s", cfg.width, cfg.height, cfg.bitrate);
         self.encoder = Some(enc);
         Ok(())
