@@ -401,3 +401,26 @@ pub(crate) fn run_path(
         PathKind::Vsockenc => element(&env.unix.clone(), input, frames, in_flight, pace),
     }
 }
+
+/// What [`profile`] measured: one path, BGRx motion frames, no pacing.
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    pub frames: u32,
+    pub secs: f64,
+    pub cpu: CpuSplit,
+    /// Minor page faults of the whole process per frame (fresh memory touched).
+    pub minor_faults_per_frame: f64,
+}
+
+/// Runs one path alone for `frames` BGRx motion frames of `w`×`h`, as fast as
+/// it goes: a harness for profilers (`examples/inline_recv.rs` under
+/// `valgrind --tool=callgrind`), where the difference between a socket path
+/// and in-process is what moving the frames costs.
+pub fn profile(path: PathKind, w: u32, h: u32, frames: u32, in_flight: usize) -> Result<Profile> {
+    let mut env = Env::start(in_flight)?;
+    let input = Input::new(PixelFormat::Bgrx, Content::Motion, w, h);
+    let faults = crate::sys::minor_faults();
+    let r = run_path(&mut env, path, &input, frames, in_flight, None)?;
+    let faults = crate::sys::minor_faults().saturating_sub(faults);
+    Ok(Profile { frames: r.frames, secs: r.secs, cpu: r.cpu, minor_faults_per_frame: faults as f64 / frames as f64 })
+}

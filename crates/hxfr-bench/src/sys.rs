@@ -115,3 +115,11 @@ pub fn memcpy_floor_ms(bytes: usize, reps: usize) -> f64 {
 pub fn median(mut v: Vec<f64>) -> f64 {
     hxfr_metrics::percentile(&mut v, 0.5).unwrap_or(0.0)
 }
+
+/// Minor page faults of this process so far (`/proc/self/stat`, field 10).
+pub fn minor_faults() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(7)?.parse().ok())
+        .unwrap_or(0)
+}
