@@ -21,6 +21,7 @@ use crate::sys::{CpuMark, CpuSplit};
 
 pub(crate) struct Input {
     format: PixelFormat,
+    content: Content,
     w: u32,
     h: u32,
     stride: usize,
@@ -37,7 +38,13 @@ impl Input {
                 _ => Bytes::from(pattern_bgrx(content, w, h, stride, i * 3)),
             })
             .collect();
-        Input { format, w, h, stride, frames }
+        Input { format, content, w, h, stride, frames }
+    }
+    pub fn format(&self) -> PixelFormat {
+        self.format
+    }
+    pub fn content(&self) -> Content {
+        self.content
     }
     fn layout(&self) -> Layout {
         Layout::inline(self.format, self.w, self.h, self.stride as u32)
@@ -51,6 +58,7 @@ impl Input {
 }
 
 /// What one run of a path measured.
+#[derive(Clone)]
 pub(crate) struct Run {
     pub frames: u32,
     pub secs: f64,
