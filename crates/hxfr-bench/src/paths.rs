@@ -411,13 +411,15 @@ pub(crate) fn run_path(
 }
 
 /// What [`profile`] measured: one path, BGRx motion frames, no pacing.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Profile {
     pub frames: u32,
     pub secs: f64,
     pub cpu: CpuSplit,
     /// Minor page faults of the whole process per frame (fresh memory touched).
     pub minor_faults_per_frame: f64,
+    /// CPU nanoseconds by thread name over the run (set-up included).
+    pub threads: Vec<(String, u64)>,
 }
 
 /// Runs one path alone for `frames` BGRx motion frames of `w`×`h`, as fast as
@@ -428,7 +430,15 @@ pub fn profile(path: PathKind, w: u32, h: u32, frames: u32, in_flight: usize) ->
     let mut env = Env::start(in_flight)?;
     let input = Input::new(PixelFormat::Bgrx, Content::Motion, w, h);
     let faults = crate::sys::minor_faults();
+    let mark = CpuMark::now();
     let r = run_path(&mut env, path, &input, frames, in_flight, None)?;
+    let threads = mark.since_by_name();
     let faults = crate::sys::minor_faults().saturating_sub(faults);
-    Ok(Profile { frames: r.frames, secs: r.secs, cpu: r.cpu, minor_faults_per_frame: faults as f64 / frames as f64 })
+    Ok(Profile {
+        frames: r.frames,
+        secs: r.secs,
+        cpu: r.cpu,
+        minor_faults_per_frame: faults as f64 / frames as f64,
+        threads,
+    })
 }
