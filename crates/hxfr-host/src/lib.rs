@@ -71,7 +71,9 @@ pub struct Limits {
     /// Message bytes buffered across the whole host (inline pixels until
     /// encoded, any large message while it arrives), in bytes. A connection
     /// whose message does not fit waits (and so stops reading), whatever its
-    /// own limits allow. Only a 16 KiB read-ahead per connection is outside it.
+    /// own limits allow. The frame buffers a connection keeps for its next
+    /// frames count too (they go back when anyone waits for room). Only a
+    /// 16 KiB read-ahead per connection is outside it.
     pub max_buffered: u64,
     /// How long a message may take from its first byte to its last.
     pub message_deadline: MessageDeadline,
