@@ -11,7 +11,8 @@
 //!
 //! Modules by job: [`cli`] (the arguments), [`paths`] (running one path),
 //! [`matrix`] (the whole run), [`targets`] (judging it), [`report`] (its
-//! data and tables), `plot` (the SVG), [`sys`] (CPU, memory, floors).
+//! data and tables), [`repeat`] (medians, spreads, paired ratios, judging on
+//! them), `plot` (the SVG), [`sys`] (CPU, memory, floors).
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
@@ -19,10 +20,11 @@ pub mod cli;
 mod matrix;
 pub mod paths;
 mod plot;
+pub mod repeat;
 pub mod report;
 pub mod sys;
 pub mod targets;
 
 pub use cli::BenchArgs;
 pub use matrix::run;
-pub use report::{Cell, Floor, PathKind, Report, ScaleRow, Target, print_markdown};
+pub use report::{Cell, Floor, PathKind, Report, ScaleRow, Spreads, Target, print_markdown};

@@ -1,5 +1,6 @@
-//! The matrix: every path at every size, format and content, then session
-//! scaling, judged and printed.
+//! The matrix: every path at every size, format and content, each cell
+//! repeated (in-process run back to back with each path), then session
+//! scaling, judged on medians and printed.
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use hxfr_testkit::Content;
 
 use crate::cli::BenchArgs;
 use crate::paths::{Env, Input, PACE, run_path, through_host};
-use crate::report::{Cell, Floor, PathKind, Report, ScaleRow, print_markdown};
+use crate::report::{Cell, Floor, PathKind, Report, ScaleRow, Spreads, print_markdown};
 use crate::{plot, sys, targets};
 
 fn sizes(a: &BenchArgs) -> Result<Vec<(u32, u32)>> {
@@ -41,6 +42,116 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, {mem:.0} GiB")
 }
 
+/// The paths `--paths` names (in-process always runs: every ratio needs it).
+fn paths(a: &BenchArgs) -> Result<Vec<PathKind>> {
+    let all = [
+        PathKind::InlineUnix,
+        PathKind::InlineTcp,
+        PathKind::SharedMemory,
+        PathKind::SocatHop,
+        PathKind::GuestLocal,
+        PathKind::Vsockenc,
+    ];
+    let mut out = vec![PathKind::InProcess];
+    if a.paths.is_empty() {
+        out.extend(all);
+        return Ok(out);
+    }
+    for name in &a.paths {
+        let p = match name.as_str() {
+            "in-process" => continue,
+            "inline-unix" | "unix" => PathKind::InlineUnix,
+            "inline-tcp" | "tcp" => PathKind::InlineTcp,
+            "shm" | "shared-memory" => PathKind::SharedMemory,
+            "socat" | "socat-hop" => PathKind::SocatHop,
+            "guest-x264enc" | "guest" => PathKind::GuestLocal,
+            "vsockenc" => PathKind::Vsockenc,
+            other => bail!("unknown path {other:?} (inline-unix, inline-tcp, shm, socat, guest-x264enc, vsockenc)"),
+        };
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// The inputs `--inputs` names, as (format, content).
+fn inputs(a: &BenchArgs) -> Result<Vec<(PixelFormat, Content)>> {
+    if a.inputs.is_empty() {
+        return Ok(if a.quick {
+            vec![(PixelFormat::Bgrx, Content::Motion)]
+        } else {
+            // NV12 inputs come from one synthetic pattern; the desktop
+            // content is drawn in RGB only.
+            vec![
+                (PixelFormat::Bgrx, Content::Desktop),
+                (PixelFormat::Bgrx, Content::Motion),
+                (PixelFormat::Nv12, Content::Motion),
+            ]
+        });
+    }
+    a.inputs
+        .iter()
+        .map(|name| match name.as_str() {
+            "bgrx-desktop" => Ok((PixelFormat::Bgrx, Content::Desktop)),
+            "bgrx-motion" => Ok((PixelFormat::Bgrx, Content::Motion)),
+            "nv12-motion" => Ok((PixelFormat::Nv12, Content::Motion)),
+            other => bail!("unknown input {other:?} (bgrx-desktop, bgrx-motion, nv12-motion)"),
+        })
+        .collect()
+}
+
+/// One repetition of one path: its throughput run, the in-process run made
+/// just before it, and its paced run.
+struct Rep {
+    fps: f64,
+    base_fps: f64,
+    host_cpu_ms: f64,
+    base_host_cpu_ms: f64,
+    guest_cpu_ms: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    base_p50_ms: f64,
+    peak_rss: u64,
+}
+
+/// A cell from its repetitions: medians, spreads, paired ratios.
+fn cell(w: u32, h: u32, input: &Input, path: PathKind, reps: &[Rep]) -> Cell {
+    use crate::repeat::{Figure, paired_differences, paired_ratios};
+    let col = |f: fn(&Rep) -> f64| reps.iter().map(f).collect::<Vec<f64>>();
+    let host = col(|r| r.host_cpu_ms);
+    let p50 = col(|r| r.p50_ms);
+    let ratios = paired_ratios(&col(|r| r.fps), &col(|r| r.base_fps));
+    let spreads = Spreads {
+        repeat: reps.len(),
+        fps: Figure::of(&col(|r| r.fps)),
+        ratio: Figure::of(&ratios),
+        p99_over_p50: Figure::of(&paired_ratios(&col(|r| r.p99_ms), &p50)),
+        ratios,
+        p50_ms: Figure::of(&p50),
+        p99_ms: Figure::of(&col(|r| r.p99_ms)),
+        host_cpu_ms_per_frame: Figure::of(&host),
+        host_cpu_over_in_process_ms: Figure::of(&paired_differences(&host, &col(|r| r.base_host_cpu_ms))),
+        added_p50_ms: Figure::of(&paired_differences(&p50, &col(|r| r.base_p50_ms))),
+    };
+    Cell {
+        width: w,
+        height: h,
+        format: if input.format() == PixelFormat::Nv12 { "NV12" } else { "BGRx" }.into(),
+        content: if input.content() == Content::Desktop { "desktop" } else { "motion" }.into(),
+        path,
+        fps: spreads.fps.median,
+        ratio: spreads.ratio.median,
+        p50_ms: spreads.p50_ms.median,
+        p99_ms: spreads.p99_ms.median,
+        host_cpu_ms_per_frame: spreads.host_cpu_ms_per_frame.median,
+        guest_cpu_ms_per_frame: Figure::of(&col(|r| r.guest_cpu_ms)).median,
+        bytes_copied_per_frame: path.copies() * input.bytes() as u64,
+        peak_rss_mb: reps.iter().map(|r| r.peak_rss).max().unwrap_or(0) as f64 / 1e6,
+        spreads: Some(spreads),
+    }
+}
+
 /// Runs the matrix and prints it; returns the report.
 pub fn run(a: BenchArgs) -> Result<Report> {
     if let Some(f) = &a.from_json {
@@ -55,28 +166,29 @@ pub fn run(a: BenchArgs) -> Result<Report> {
     if a.in_flight == 0 || a.in_flight > 4 {
         bail!("--in-flight must be 1..4");
     }
+    let repeat = a.repeat.unwrap_or(if a.quick { 1 } else { 5 });
+    if !(1..=100).contains(&repeat) {
+        bail!("--repeat must be 1..100");
+    }
     let sizes = sizes(&a)?;
-    let formats: &[PixelFormat] = if a.quick { &[PixelFormat::Bgrx] } else { &[PixelFormat::Bgrx, PixelFormat::Nv12] };
-    let contents: &[Content] = if a.quick { &[Content::Motion] } else { &[Content::Desktop, Content::Motion] };
+    let inputs = inputs(&a)?;
+    let mut paths = paths(&a)?;
     let mut env = Env::start(a.in_flight)?;
     let mut skipped = Vec::new();
-    let mut paths = vec![
-        PathKind::InProcess,
-        PathKind::InlineUnix,
-        PathKind::InlineTcp,
-        PathKind::SharedMemory,
-        PathKind::SocatHop,
-        PathKind::GuestLocal,
-        PathKind::Vsockenc,
-    ];
-    if env.socat.is_none() {
+    if env.socat.is_none() && paths.contains(&PathKind::SocatHop) {
         paths.retain(|p| *p != PathKind::SocatHop);
         skipped.push("socat hop: socat is not installed (apt-get install socat)".to_string());
     }
     let machine = machine();
-    println!("hxfr bench on {machine}: x264 ultrafast/zerolatency 4 Mbit/s, {} in flight", a.in_flight);
+    println!(
+        "hxfr bench on {machine}: x264 ultrafast/zerolatency 4 Mbit/s, {} in flight, {repeat} repetition(s)",
+        a.in_flight
+    );
 
-    let total = (sizes.len() * formats.len() * contents.len() * paths.len()) as u64;
+    // Per repetition: one paced in-process run, then for each path an
+    // in-process throughput run, the path's, and the path's paced run.
+    let runs_per_rep = 1 + paths.len() + 2 * (paths.len() - 1);
+    let total = (sizes.len() * inputs.len() * repeat * runs_per_rep) as u64;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} {msg}")
@@ -84,6 +196,7 @@ pub fn run(a: BenchArgs) -> Result<Report> {
     );
     let mut cells = Vec::new();
     let mut floors = Vec::new();
+    let paced_frames = if a.quick { 10 } else { 30 };
     for &(w, h) in &sizes {
         let bytes = (w * h * 4) as usize;
         floors.push(Floor {
@@ -93,56 +206,69 @@ pub fn run(a: BenchArgs) -> Result<Report> {
             socket_ms: sys::socket_floor_ms(bytes, 20),
             memcpy_ms: sys::memcpy_floor_ms(bytes, 20),
         });
-        for &format in formats {
-            for &content in contents {
-                if format == PixelFormat::Nv12 && content == Content::Desktop {
-                    // NV12 inputs come from one synthetic pattern; the desktop
-                    // content is drawn in RGB only.
-                    bar.inc(paths.len() as u64);
-                    continue;
-                }
-                let input = Input::new(format, content, w, h);
-                let mut base_fps = 0.0;
-                for &path in &paths {
-                    bar.set_message(format!("{w}x{h} {format:?} {content:?} {}", path.label()));
-                    // About `seconds` of work at the encoder's own rate (in-process runs first).
-                    let est_fps =
-                        if base_fps > 0.0 { base_fps } else { (300.0 * 921_600.0 / (w * h) as f64).clamp(15.0, 600.0) };
-                    let frames = if a.quick { 20 } else { ((a.seconds * est_fps) as u32).clamp(30, 600) };
-                    sys::reset_peak_rss();
-                    let t = run_path(&mut env, path, &input, frames, a.in_flight, None)
-                        .with_context(|| format!("{} at {w}x{h}", path.label()))?;
-                    let peak = sys::peak_rss();
-                    let paced_frames = if a.quick { 10 } else { 45 };
-                    let l = run_path(&mut env, path, &input, paced_frames, a.in_flight, Some(PACE))?;
-                    let fps = t.frames as f64 / t.secs;
+        for &(format, content) in &inputs {
+            let input = Input::new(format, content, w, h);
+            let mut reps: Vec<Vec<Rep>> = paths.iter().map(|_| Vec::new()).collect();
+            // Frames per throughput run: about `seconds` at the encoder's own
+            // rate, from the first in-process run (a guess before it).
+            let mut frames = if a.quick {
+                20
+            } else {
+                ((a.seconds * (300.0 * 921_600.0 / (w * h) as f64).clamp(15.0, 600.0)) as u32).clamp(30, 600)
+            };
+            for rep in 0..repeat {
+                let what = |p: PathKind| format!("{w}x{h} {format:?} {content:?} {} ({}/{repeat})", p.label(), rep + 1);
+                bar.set_message(what(PathKind::InProcess));
+                let base_paced =
+                    run_path(&mut env, PathKind::InProcess, &input, paced_frames, a.in_flight, Some(PACE))?;
+                bar.inc(1);
+                for (k, &path) in paths.iter().enumerate() {
+                    bar.set_message(what(path));
                     if path == PathKind::InProcess {
-                        base_fps = fps;
+                        sys::reset_peak_rss();
                     }
-                    cells.push(Cell {
-                        width: w,
-                        height: h,
-                        format: if format == PixelFormat::Nv12 { "NV12" } else { "BGRx" }.into(),
-                        content: if content == Content::Desktop { "desktop" } else { "motion" }.into(),
-                        path,
-                        fps,
-                        ratio: if base_fps > 0.0 { fps / base_fps } else { 0.0 },
+                    let base = run_path(&mut env, PathKind::InProcess, &input, frames, a.in_flight, None)
+                        .with_context(|| format!("in-process at {w}x{h}"))?;
+                    bar.inc(1);
+                    let base_fps = base.frames as f64 / base.secs;
+                    if !a.quick && rep == 0 && k == 0 {
+                        frames = ((a.seconds * base_fps) as u32).clamp(30, 600);
+                    }
+                    let (t, l) = if path == PathKind::InProcess {
+                        (base.clone(), base_paced.clone())
+                    } else {
+                        sys::reset_peak_rss();
+                        let t = run_path(&mut env, path, &input, frames, a.in_flight, None)
+                            .with_context(|| format!("{} at {w}x{h}", path.label()))?;
+                        bar.inc(1);
+                        let l = run_path(&mut env, path, &input, paced_frames, a.in_flight, Some(PACE))
+                            .with_context(|| format!("{} paced at {w}x{h}", path.label()))?;
+                        bar.inc(1);
+                        (t, l)
+                    };
+                    let per_frame = |ns: u64, n: u32| ns as f64 / 1e6 / n as f64;
+                    reps[k].push(Rep {
+                        fps: t.frames as f64 / t.secs,
+                        base_fps,
+                        host_cpu_ms: per_frame(t.cpu.host_ns, t.frames),
+                        base_host_cpu_ms: per_frame(base.cpu.host_ns, base.frames),
+                        guest_cpu_ms: per_frame(t.cpu.guest_ns, t.frames),
                         p50_ms: l.rtt_ms[0],
                         p99_ms: l.rtt_ms[1],
-                        host_cpu_ms_per_frame: t.cpu.host_ns as f64 / 1e6 / t.frames as f64,
-                        guest_cpu_ms_per_frame: t.cpu.guest_ns as f64 / 1e6 / t.frames as f64,
-                        bytes_copied_per_frame: path.copies() * input.bytes() as u64,
-                        peak_rss_mb: peak as f64 / 1e6,
+                        base_p50_ms: base_paced.rtt_ms[0],
+                        peak_rss: sys::peak_rss(),
                     });
-                    bar.inc(1);
                 }
+            }
+            for (k, &path) in paths.iter().enumerate() {
+                cells.push(cell(w, h, &input, path, &reps[k]));
             }
         }
     }
     bar.finish_and_clear();
     let scale = scale(&env, if a.quick { &[1, 2] } else { &[1, 2, 4, 8] }, &cells, a.quick)?;
     let targets = targets::targets(&cells, &floors);
-    let report = Report { machine, in_flight: a.in_flight, cells, floors, scale, targets, skipped };
+    let report = Report { machine, in_flight: a.in_flight, repeat, cells, floors, scale, targets, skipped };
     print_markdown(&report, &mut std::io::stdout())?;
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)

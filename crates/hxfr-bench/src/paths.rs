@@ -21,6 +21,7 @@ use crate::sys::{CpuMark, CpuSplit};
 
 pub(crate) struct Input {
     format: PixelFormat,
+    content: Content,
     w: u32,
     h: u32,
     stride: usize,
@@ -37,7 +38,13 @@ impl Input {
                 _ => Bytes::from(pattern_bgrx(content, w, h, stride, i * 3)),
             })
             .collect();
-        Input { format, w, h, stride, frames }
+        Input { format, content, w, h, stride, frames }
+    }
+    pub fn format(&self) -> PixelFormat {
+        self.format
+    }
+    pub fn content(&self) -> Content {
+        self.content
     }
     fn layout(&self) -> Layout {
         Layout::inline(self.format, self.w, self.h, self.stride as u32)
@@ -51,6 +58,7 @@ impl Input {
 }
 
 /// What one run of a path measured.
+#[derive(Clone)]
 pub(crate) struct Run {
     pub frames: u32,
     pub secs: f64,
@@ -400,4 +408,37 @@ pub(crate) fn run_path(
         PathKind::GuestLocal => guest_local(input, frames, pace),
         PathKind::Vsockenc => element(&env.unix.clone(), input, frames, in_flight, pace),
     }
+}
+
+/// What [`profile`] measured: one path, BGRx motion frames, no pacing.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub frames: u32,
+    pub secs: f64,
+    pub cpu: CpuSplit,
+    /// Minor page faults of the whole process per frame (fresh memory touched).
+    pub minor_faults_per_frame: f64,
+    /// CPU nanoseconds by thread name over the run (set-up included).
+    pub threads: Vec<(String, u64)>,
+}
+
+/// Runs one path alone for `frames` BGRx motion frames of `w`×`h`, as fast as
+/// it goes: a harness for profilers (`examples/inline_recv.rs` under
+/// `valgrind --tool=callgrind`), where the difference between a socket path
+/// and in-process is what moving the frames costs.
+pub fn profile(path: PathKind, w: u32, h: u32, frames: u32, in_flight: usize) -> Result<Profile> {
+    let mut env = Env::start(in_flight)?;
+    let input = Input::new(PixelFormat::Bgrx, Content::Motion, w, h);
+    let faults = crate::sys::minor_faults();
+    let mark = CpuMark::now();
+    let r = run_path(&mut env, path, &input, frames, in_flight, None)?;
+    let threads = mark.since_by_name();
+    let faults = crate::sys::minor_faults().saturating_sub(faults);
+    Ok(Profile {
+        frames: r.frames,
+        secs: r.secs,
+        cpu: r.cpu,
+        minor_faults_per_frame: faults as f64 / frames as f64,
+        threads,
+    })
 }

@@ -3,6 +3,8 @@
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use crate::repeat::Figure;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PathKind {
     InProcess,
@@ -41,7 +43,29 @@ impl PathKind {
     }
 }
 
-/// One cell of the matrix.
+/// The repetitions behind a cell's figures: each its median and spread.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spreads {
+    pub repeat: usize,
+    pub fps: Figure,
+    /// fps over that of the in-process run made just before, per repetition.
+    pub ratio: Figure,
+    pub p50_ms: Figure,
+    pub p99_ms: Figure,
+    pub host_cpu_ms_per_frame: Figure,
+    /// Host CPU per frame minus that of the in-process run made just
+    /// before, per repetition.
+    pub host_cpu_over_in_process_ms: Figure,
+    /// p50 minus in-process's p50 in the same repetition.
+    pub added_p50_ms: Figure,
+    /// p99 over p50, per repetition.
+    pub p99_over_p50: Figure,
+    /// The ratio of each repetition, in order (to pair with another path's).
+    pub ratios: Vec<f64>,
+}
+
+/// One cell of the matrix. With repetitions, every figure is the median
+/// of the repetitions (`spreads` has their spread).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cell {
     pub width: u32,
@@ -60,6 +84,9 @@ pub struct Cell {
     pub guest_cpu_ms_per_frame: f64,
     pub bytes_copied_per_frame: u64,
     pub peak_rss_mb: f64,
+    /// Absent in runs saved before the benchmark repeated its cells.
+    #[serde(default)]
+    pub spreads: Option<Spreads>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,14 +113,37 @@ pub struct ScaleRow {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
     pub what: String,
+    /// Judged on the median of the repetitions.
     pub met: bool,
+    /// The repetitions' spread straddles the target.
+    #[serde(default)]
+    pub within_noise: bool,
     pub detail: String,
+}
+
+impl Target {
+    /// "MET", "NOT MET", with "(within noise)" when the spread straddles it.
+    pub fn verdict(&self) -> &'static str {
+        match (self.met, self.within_noise) {
+            (true, false) => "MET",
+            (true, true) => "MET (within noise)",
+            (false, false) => "NOT MET",
+            (false, true) => "NOT MET (within noise)",
+        }
+    }
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: String,
     pub in_flight: usize,
+    /// Repetitions of every cell.
+    #[serde(default = "one")]
+    pub repeat: usize,
     pub cells: Vec<Cell>,
     pub floors: Vec<Floor>,
     pub scale: Vec<ScaleRow>,
@@ -103,25 +153,38 @@ pub struct Report {
 
 pub fn print_markdown(r: &Report, out: &mut dyn std::io::Write) -> Result<()> {
     writeln!(out, "\n### Paths ({}, {} frames in flight)\n", r.machine, r.in_flight)?;
+    if r.repeat > 1 {
+        writeln!(
+            out,
+            "Each cell ran {} times; figures are medians, with the least and greatest repetition in brackets. \
+             Ratios are taken per repetition against an in-process run made just before.\n",
+            r.repeat
+        )?;
+    }
     writeln!(
         out,
         "| size | input | content | path | fps | × in-process | p50 ms @30fps | p99 ms | host CPU ms/frame | guest CPU ms/frame | copied MB/frame | peak RSS MB |"
     )?;
     writeln!(out, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for c in &r.cells {
+        let (fps, ratio, p50, host) = match &c.spreads {
+            Some(s) => (s.fps.show(1), s.ratio.show(2), s.p50_ms.show(2), s.host_cpu_ms_per_frame.show(2)),
+            None => (
+                format!("{:.1}", c.fps),
+                format!("{:.2}", c.ratio),
+                format!("{:.2}", c.p50_ms),
+                format!("{:.2}", c.host_cpu_ms_per_frame),
+            ),
+        };
         writeln!(
             out,
-            "| {}x{} | {} | {} | {} | {:.1} | {:.2}× | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |",
+            "| {}x{} | {} | {} | {} | {fps} | {ratio}× | {p50} | {:.2} | {host} | {:.2} | {:.1} | {:.0} |",
             c.width,
             c.height,
             c.format,
             c.content,
             c.path.label(),
-            c.fps,
-            c.ratio,
-            c.p50_ms,
             c.p99_ms,
-            c.host_cpu_ms_per_frame,
             c.guest_cpu_ms_per_frame,
             c.bytes_copied_per_frame as f64 / 1e6,
             c.peak_rss_mb
@@ -150,7 +213,7 @@ pub fn print_markdown(r: &Report, out: &mut dyn std::io::Write) -> Result<()> {
     if !r.targets.is_empty() {
         writeln!(out, "\n### Targets\n")?;
         for t in &r.targets {
-            writeln!(out, "- {} {}: {}", if t.met { "MET" } else { "NOT MET" }, t.what, t.detail)?;
+            writeln!(out, "- {} {}: {}", t.verdict(), t.what, t.detail)?;
         }
     }
     for s in &r.skipped {

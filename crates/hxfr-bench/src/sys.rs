@@ -57,6 +57,21 @@ impl CpuMark {
     }
 }
 
+impl CpuMark {
+    /// CPU nanoseconds used since this mark, by thread name (threads of
+    /// the same name summed), most first.
+    pub fn since_by_name(&self) -> Vec<(String, u64)> {
+        let mut by: HashMap<String, u64> = HashMap::new();
+        for (tid, (name, ns)) in threads() {
+            let before = self.0.get(&tid).map_or(0, |(_, b)| *b);
+            *by.entry(name).or_default() += ns.saturating_sub(before);
+        }
+        let mut v: Vec<_> = by.into_iter().filter(|(_, ns)| *ns > 0).collect();
+        v.sort_by_key(|(_, ns)| std::cmp::Reverse(*ns));
+        v
+    }
+}
+
 /// Resets the process's peak-RSS counter (Linux 4.0+).
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -114,4 +129,12 @@ pub fn memcpy_floor_ms(bytes: usize, reps: usize) -> f64 {
 
 pub fn median(mut v: Vec<f64>) -> f64 {
     hxfr_metrics::percentile(&mut v, 0.5).unwrap_or(0.0)
+}
+
+/// Minor page faults of this process so far (`/proc/self/stat`, field 10).
+pub fn minor_faults() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(7)?.parse().ok())
+        .unwrap_or(0)
 }

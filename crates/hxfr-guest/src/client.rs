@@ -719,10 +719,13 @@ mod tests {
     fn a_host_that_stops_reading_does_not_hold_the_sender() {
         let s = Script::new();
         let (mut c, rx, _host) = client(&s);
+        // A 4K frame: more than the socket's send buffer (we ask for 4 MiB,
+        // the kernel holds at most twice that) can take.
         let big = Packet::new(
             1,
             Message::FrameRequest(
-                FrameRequest::inline(PixelFormat::Bgrx, 1024, 1024, 4096, Bytes::from(vec![0u8; 4 << 20])).timed(0, 1),
+                FrameRequest::inline(PixelFormat::Bgrx, 3840, 2160, 15360, Bytes::from(vec![0u8; 3840 * 2160 * 4]))
+                    .timed(0, 1),
             ),
         );
         let start = Instant::now();

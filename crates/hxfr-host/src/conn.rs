@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::budget::{Budget, Share};
+use crate::budget::Budget;
 use crate::encoder::EncoderFactory;
 use crate::push::{Feeds, Subscription};
-use crate::reader::{Event, MessageDeadline, Reader};
+use crate::reader::{Budgeted, Event, MessageDeadline, Reader};
 use crate::resolver::{Peer, ResourceResolver};
 use crate::scanout::ScanoutSource;
 use crate::session::{self, Job, Outgoing, SessionHandle, SessionParts};
@@ -123,8 +123,8 @@ where
             e = reader.next() => e,
         };
         match event {
-            Event::Packet(packet, share) => {
-                if !conn.handle(packet, share).await {
+            Event::Packet(packet, budgeted) => {
+                if !conn.handle(packet, budgeted).await {
                     break;
                 }
             }
@@ -274,22 +274,22 @@ impl Conn {
         }
     }
 
-    /// Handles one request; `share` is the room in the budget its bytes
-    /// took, if any. Returns false when the connection should end.
-    async fn handle(&mut self, p: Packet, share: Option<Share>) -> bool {
+    /// Handles one request; `budgeted` says whether its bytes hold room in
+    /// the budget already. Returns false when the connection should end.
+    async fn handle(&mut self, p: Packet, budgeted: Budgeted) -> bool {
         let sid = p.session_id;
         match p.message {
             Message::FrameRequest(r) => {
                 // Inline pixels hold room in the host-wide budget until
-                // encoded: large ones took it before they were read; small
-                // ones (from the read-ahead) wait for it here.
-                let budget = match (&r.pixels, share) {
-                    (Some(_), Some(share)) => Some(share),
-                    (Some(px), None) => match self.shared.budget.take(px.len() as u64).await {
+                // encoded: large ones lie in a buffer that took it before
+                // they were read (and holds it while they live); small ones
+                // (from the read-ahead) wait for it here.
+                let budget = match (&r.pixels, budgeted) {
+                    (Some(px), Budgeted::No) => match self.shared.budget.take(px.len() as u64).await {
                         Some(share) => Some(share),
                         None => return false,
                     },
-                    (None, _) => None,
+                    _ => None,
                 };
                 let job = match FrameJob::from_request(r, budget) {
                     Some(f) => Job::Frame(f),

@@ -33,6 +33,7 @@ pub mod gpu;
 #[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
 pub mod qemu_display;
 mod memory;
+mod pool;
 mod push;
 mod reader;
 mod resolver;
@@ -82,7 +83,9 @@ pub struct Limits {
     /// Message bytes buffered across the whole host (inline pixels until
     /// encoded, any large message while it arrives), in bytes. A connection
     /// whose message does not fit waits (and so stops reading), whatever its
-    /// own limits allow. Only a 16 KiB read-ahead per connection is outside it.
+    /// own limits allow. The frame buffers a connection keeps for its next
+    /// frames count too (they go back when anyone waits for room). Only a
+    /// 16 KiB read-ahead per connection is outside it.
     pub max_buffered: u64,
     /// How long a message may take from its first byte to its last.
     pub message_deadline: MessageDeadline,
@@ -427,6 +430,31 @@ fn is_socket(m: &std::fs::Metadata) -> bool {
     m.file_type().is_socket()
 }
 
+/// Receive buffer asked for on accepted sockets: a large frame then
+/// arrives in a few large reads, not a chain of ~200 KB ones each waking the
+/// host and the blocked sender. The kernel caps it at `net.core.rmem_max`.
+/// (On a UNIX stream socket the sender's SO_SNDBUF bounds what is queued,
+/// so the guest client asks for a larger one too.)
+const RECEIVE_BUFFER: libc::c_int = 4 << 20;
+
+/// Asks for [`RECEIVE_BUFFER`], never for less than the socket has.
+fn grow_receive_buffer(s: &impl std::os::fd::AsRawFd) {
+    let fd = s.as_raw_fd();
+    let mut have: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: fd is an open socket borrowed for this call; the option
+    // values are c_ints that live across the calls.
+    unsafe {
+        if libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw mut have).cast(), &mut len) == 0
+            && have < RECEIVE_BUFFER
+        {
+            let want = RECEIVE_BUFFER;
+            let len = size_of::<libc::c_int>() as libc::socklen_t;
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw const want).cast(), len);
+        }
+    }
+}
+
 async fn accept_loop(acceptor: Arc<Acceptor>, listener: Listener) {
     let via = listener.local_addr().to_string();
     loop {
@@ -435,11 +463,13 @@ async fn accept_loop(acceptor: Arc<Acceptor>, listener: Listener) {
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
                 let _ = s.set_nodelay(true);
+                grow_receive_buffer(&s);
                 acceptor.admit(s, format!("tcp:{a}"), &via)
             }),
-            Listener::Unix(l, p) => {
-                l.accept().await.map(|(s, _)| acceptor.admit(s, format!("unix:{}", p.display()), &via))
-            }
+            Listener::Unix(l, p) => l.accept().await.map(|(s, _)| {
+                grow_receive_buffer(&s);
+                acceptor.admit(s, format!("unix:{}", p.display()), &via)
+            }),
             #[cfg(target_os = "linux")]
             Listener::Vsock(l, _) => {
                 l.accept().await.map(|(s, a)| acceptor.admit(s, format!("vsock:{}:{}", a.cid(), a.port()), &via))

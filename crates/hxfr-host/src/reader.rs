@@ -3,10 +3,15 @@
 //!
 //! Bytes are read ahead into a small buffer ([`READ_AHEAD`]). A message
 //! that does not fit there takes room for its payload from the host's
-//! buffer budget (`--max-buffered-mib`) before one more byte of it is read,
-//! and its buffer grows as the bytes arrive, never by what the header
-//! promises. A guest that sends a 64 MiB header and stops costs the host a
-//! share of the budget until its deadline, and no memory.
+//! buffer budget (`--max-buffered-mib`) before one more byte of it is read
+//! (or reuses a buffer the connection keeps, which holds its room still:
+//! `pool.rs`). Its payload is then read straight into that buffer, in reads
+//! as large as the socket gives, and the frame's pixels stay there until
+//! encoded: no copy, no growing, no zeroing. The buffer's capacity is only
+//! reserved (the payload size was checked against `--max-payload-mib` and
+//! paid for in the budget first); its pages cost memory as the bytes arrive,
+//! so a guest that sends a 64 MiB header and stops costs the host a share
+//! of the budget until its deadline, and no memory.
 //!
 //! Every message must arrive whole within [`MessageDeadline::allowance`] of its
 //! first byte: a floor, or the time its size takes at a minimum rate,
@@ -20,12 +25,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use hxfr_proto::{DecodeError, FrameDecoder, HEADER_LEN, Header, Packet};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::{debug, warn};
 
-use crate::budget::{Budget, Share};
+use crate::budget::Budget;
+use crate::pool::{Buffer, KEEP_IDLE, Pool};
 
 /// Bytes a connection reads ahead of the message it is on: every control
 /// message and small frames fit. Anything larger is budgeted first.
@@ -35,8 +41,6 @@ pub(crate) const READ_AHEAD: usize = 16 << 10;
 /// taken as that message's payload. So a message that stops arriving for
 /// this long is dropped and the reader hunts for the next magic.
 pub(crate) const SERIAL_STALL: Duration = Duration::from_secs(2);
-/// A large message's buffer grows by at least this much at a time.
-const GROW: usize = 1 << 20;
 
 /// How long a message may take to arrive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,9 +68,11 @@ impl MessageDeadline {
 
 /// What the reader found.
 pub(crate) enum Event {
-    /// A message. One too large for the read-ahead comes with the share of
-    /// the budget its bytes took (an inline frame keeps it until encoded).
-    Packet(Packet, Option<Share>),
+    /// A message, and whether its bytes hold their room in the budget
+    /// already: one too large for the read-ahead was read into a buffer
+    /// that holds its share until the last of its bytes (an inline frame's
+    /// pixels) is dropped.
+    Packet(Packet, Budgeted),
     /// A message whose framing was intact but whose body was not (or, on a
     /// serial port, garbage that was skipped): the stream goes on.
     Malformed(DecodeError, Option<Header>),
@@ -76,8 +82,19 @@ pub(crate) enum Event {
     Closed,
 }
 
+/// Whether a message's bytes took their room in the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Budgeted {
+    /// A small message from the read-ahead: not counted yet.
+    No,
+    /// Read into a buffer that holds its share.
+    Yes,
+}
+
 pub(crate) struct Reader<R> {
     rd: R,
+    /// Buffers for large payloads, recycled once their frame is encoded.
+    pool: Arc<Pool>,
     /// The front of the stream: at most [`READ_AHEAD`] bytes.
     buf: BytesMut,
     decoder: FrameDecoder,
@@ -105,6 +122,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn new(rd: R, decoder: FrameDecoder, serial: bool, budget: Arc<Budget>, rule: MessageDeadline) -> Self {
         Reader {
             rd,
+            pool: Pool::new(budget.clone()),
             buf: BytesMut::with_capacity(READ_AHEAD),
             decoder,
             serial,
@@ -121,6 +139,9 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         self.resume();
         let event = self.next_event().await;
         self.pause();
+        if matches!(event, Event::Eof { .. } | Event::Closed) {
+            self.pool.clear();
+        }
         event
     }
 
@@ -147,13 +168,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             debug_assert!(room > 0);
             self.buf.reserve(room);
             let deadline = self.stall_deadline(self.deadline(READ_AHEAD as u64));
+            // Between messages, kept buffers go back to the budget once the
+            // guest has been quiet for a while.
+            let idle = (deadline.is_none() && self.pool.holds_any()).then(|| Instant::now() + KEEP_IDLE);
             let read = {
                 let mut rd = (&mut self.rd).take(room as u64);
-                read_until(rd.read_buf(&mut self.buf), deadline).await
+                read_until(rd.read_buf(&mut self.buf), deadline.or(idle)).await
             };
             match self.read_done(read) {
                 Read::Some => {}
                 Read::Eof => return Event::Eof { clean: self.buf.is_empty() },
+                Read::Late if deadline.is_none() => self.pool.clear(),
                 Read::Late => {
                     if let Some(e) = self.late() {
                         return e;
@@ -170,7 +195,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Takes the message at the front of the read-ahead.
     fn decode_front(&mut self) -> Event {
         let event = match self.decoder.decode(&mut self.buf) {
-            Ok(Some(p)) => Event::Packet(p, None),
+            Ok(Some(p)) => Event::Packet(p, Budgeted::No),
             Ok(None) => unreachable!("decode_front is called with a whole message or a bad header"),
             Err(e) if e.is_fatal() => {
                 warn!("closing: {e}");
@@ -182,33 +207,48 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         event
     }
 
-    /// A message too large for the read-ahead: room in the budget first, then
-    /// its bytes, into a buffer that grows as they come. `None` when it was
-    /// dropped (serial) and the read-ahead holds what came after it.
+    /// A message too large for the read-ahead: room in the budget first (or
+    /// a kept buffer, which holds room already), then its payload, read
+    /// straight into that buffer. `None` when it was dropped (serial) and the
+    /// read-ahead holds what came after it.
     async fn read_large(&mut self, h: Header) -> Option<Event> {
-        let size = HEADER_LEN + h.payload_size as usize;
-        self.pause();
-        let share = self.budget.take(h.payload_size as u64).await?;
-        self.resume();
-        let mut msg = Vec::with_capacity((self.buf.len() * 2).max(GROW).min(size));
-        msg.extend_from_slice(&self.buf);
-        self.buf = BytesMut::new();
-        let deadline = self.deadline(size as u64);
-        while msg.len() < size {
-            if msg.len() == msg.capacity() {
-                msg.reserve_exact((size - msg.len()).min(msg.len().max(GROW)));
+        // Checked against the payload limit by the caller; the read-ahead
+        // holds this message's first bytes and nothing after them.
+        let size = h.payload_size as usize;
+        debug_assert!(HEADER_LEN + size > READ_AHEAD && self.buf.len() < HEADER_LEN + size);
+        let mut buf = match self.pool.take(size) {
+            Some(b) => b,
+            None => {
+                self.pause();
+                let share = self.budget.take(size as u64).await?;
+                self.resume();
+                Buffer::new(size, share)
             }
-            let room = msg.capacity() - msg.len();
+        };
+        let head: [u8; HEADER_LEN] = self.buf[..HEADER_LEN].try_into().expect("a header's bytes");
+        buf.bytes.extend_from_slice(&self.buf[HEADER_LEN..]);
+        self.buf.clear();
+        let deadline = self.deadline((HEADER_LEN + size) as u64);
+        while buf.bytes.len() < size {
+            // As much as the socket holds, up to the end of this message,
+            // into the buffer's reserved room (no zeroing, no growing).
+            let want = size - buf.bytes.len();
             let until = self.stall_deadline(deadline);
             let read = {
-                let mut rd = (&mut self.rd).take(room as u64);
-                read_until(rd.read_buf(&mut msg), until).await
+                let mut rd = (&mut self.rd).take(want as u64);
+                read_until(rd.read_buf(&mut buf.bytes), until).await
             };
             match self.read_done(read) {
                 Read::Some => {}
                 Read::Eof => return Some(Event::Eof { clean: false }),
                 Read::Late => {
-                    self.buf = BytesMut::from(Bytes::from(msg));
+                    // What came of it, header first, as the read-ahead would
+                    // hold it (in place: the buffer has room for the header,
+                    // which is smaller than what has not come). Its share
+                    // goes back now.
+                    let Buffer { bytes: mut got, .. } = buf;
+                    got.splice(0..0, head);
+                    self.buf = BytesMut::from(bytes::Bytes::from(got)); // no copy: the Vec is unique
                     return self.late();
                 }
                 Read::Failed(e) => {
@@ -217,13 +257,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 }
             }
         }
-        self.buf = BytesMut::with_capacity(READ_AHEAD);
         self.started = None;
-        let mut msg = BytesMut::from(Bytes::from(msg)); // no copy: the Vec is unique
-        Some(match self.decoder.decode(&mut msg) {
-            Ok(Some(p)) => Event::Packet(p, Some(share)),
-            Ok(None) => unreachable!("a whole message"),
-            Err(e) => Event::Malformed(e, self.decoder.last_header()),
+        // Inline pixels become a slice of the buffer, which returns to the
+        // pool when they are dropped (once encoded).
+        Some(match Packet::parse(&h, self.pool.freeze(buf)) {
+            Ok(p) => Event::Packet(p, Budgeted::Yes),
+            Err(e) => Event::Malformed(e, Some(h)),
         })
     }
 
@@ -300,6 +339,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use hxfr_proto::{Fourcc, FrameRequest, Message};
     use tokio::io::AsyncWriteExt;
 
@@ -322,10 +362,18 @@ mod tests {
     }
 
     /// Small and large messages, split anywhere, come out whole and in
-    /// order; only large ones take (and bring) a share of the budget.
+    /// order; only large ones take (and bring) a share of the budget, and
+    /// their buffers are kept (with it) for the next large one, until the
+    /// stream ends.
     #[tokio::test]
     async fn messages_split_anywhere_come_out_whole() {
-        let sent = [Packet::new(1, Message::Ping), frame(3 * READ_AHEAD + 5), frame(100), frame(GROW * 2 + 1)];
+        let sent = [
+            Packet::new(1, Message::Ping),
+            frame(3 * READ_AHEAD + 5),
+            frame(100),
+            frame((2 << 20) + 1),
+            frame(3 * READ_AHEAD + 5),
+        ];
         let mut bytes = BytesMut::new();
         for p in &sent {
             p.encode(&mut bytes);
@@ -342,13 +390,15 @@ mod tests {
         });
         let budget = Arc::new(Budget::new(64 << 20));
         let mut r = Reader::new(rx, FrameDecoder::default(), false, budget.clone(), MessageDeadline::default());
+        let mut large_seen = false;
         for want in &sent {
             match r.next().await {
-                Event::Packet(p, share) => {
+                Event::Packet(p, budgeted) => {
                     assert_eq!(&p, want);
                     let large = want.encoded_len() > READ_AHEAD;
-                    assert_eq!(share.is_some(), large, "a share for large messages only");
-                    assert_eq!(budget.gauge().in_use > 0, large);
+                    large_seen |= large;
+                    assert_eq!(budgeted == Budgeted::Yes, large, "a share for large messages only");
+                    assert_eq!(budget.gauge().in_use > 0, large_seen, "kept buffers keep their share");
                 }
                 _ => panic!("expected a packet"),
             }

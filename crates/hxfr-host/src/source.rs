@@ -31,8 +31,10 @@ pub(crate) struct FrameMeta {
 
 /// Where the pixels of one frame are: a handle per buffer kind.
 pub(crate) enum FrameSource {
-    /// Pixels that came on the socket, holding their share of the host's
-    /// buffer budget until encoded.
+    /// Pixels that came on the socket, where they were read (no copy), held
+    /// against the host's buffer budget until encoded: by `budget` for a
+    /// small frame from the read-ahead, by the buffer behind `pixels` for a
+    /// large one.
     Inline { pixels: Bytes, stride: u32, budget: Option<Share> },
     /// Plane descriptors into the shared-memory region, checked against it
     /// when mapped.
