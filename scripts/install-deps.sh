@@ -16,8 +16,9 @@ PKGS=(
   # browser tests, virtual display, TCP<->UNIX relay used by the bench
   chromium chromium-driver xvfb socat
   # make vm-test: busybox for the guest's userland, cpio for its initramfs
-  # (QEMU itself comes from bookworm-backports, below)
-  busybox-static cpio
+  # (QEMU itself comes from bookworm-backports, below), and a private D-Bus
+  # bus for QEMU's D-Bus display (scanout hot-plug)
+  busybox-static cpio dbus-daemon
 )
 
 # QEMU 10 from bookworm-backports: bookworm's 7.2 refuses vhost-user-gpu-pci

@@ -342,12 +342,33 @@ impl Conn {
                 self.reply(Packet::new(sid, Message::HelloResp(resp))).await
             }
             // Hot-plugging displays is not ours (yet): they asked, so they get a "no".
-            Message::EnableScanout { scanout_id, .. } => {
-                let connector = "hxfr host has no scanouts".to_string();
-                self.reply(Packet::new(sid, Message::ScanoutResp { scanout_id, success: false, connector })).await
+            Message::EnableScanout { scanout_id, width, height } => {
+                let answer = match &self.scanouts {
+                    Some(s) => s.enable(scanout_id, width, height).await,
+                    None => Err("this host has no scanouts (start it with --vhost-user-gpu)".to_string()),
+                };
+                let (success, connector) = match answer {
+                    Ok(name) => {
+                        info!(scanout = scanout_id, width, height, "ENABLE_SCANOUT: {name} plugged in");
+                        (true, name)
+                    }
+                    Err(why) => {
+                        warn!(scanout = scanout_id, "ENABLE_SCANOUT refused: {why}");
+                        (false, String::new())
+                    }
+                };
+                self.reply(Packet::new(sid, Message::ScanoutResp { scanout_id, success, connector })).await
+            }
+            Message::DisableScanout { scanout_id } => {
+                if let Some(s) = &self.scanouts
+                    && let Err(why) = s.disable(scanout_id).await
+                {
+                    warn!(scanout = scanout_id, "DISABLE_SCANOUT: {why}");
+                }
+                true
             }
             Message::Subscribe { scanout_id } => self.subscribe(scanout_id).await,
-            Message::DisableScanout { .. } | Message::Pong => true,
+            Message::Pong => true,
             other => {
                 // Unknown types are legal (skipped by size); host-bound answers
                 // from a guest are not, but neither is worth an unasked reply.

@@ -19,8 +19,9 @@ use hxfr_virtio_gpu::{Resources, ScanoutEvent, SnapshotError};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::qemu_display::QemuDisplay;
 use crate::resolver::{ResolveError, Resolved, ResourceResolver};
-use crate::scanout::{Flip, ScanoutSource, monotonic_ns};
+use crate::scanout::{Enabling, Flip, ScanoutSource, monotonic_ns};
 
 /// One VM's GPU device, as a [`ResourceResolver`].
 #[derive(Clone)]
@@ -113,16 +114,22 @@ type Shown = Arc<Mutex<[Option<(u32, Rect)>; MAX_SCANOUTS]>>;
 pub struct GpuScanouts {
     resources: Resources,
     shown: Shown,
-    flips: Arc<[watch::Sender<Flip>; MAX_SCANOUTS]>,
+    /// Replaced when a scanout is unplugged: dropping the old sender ends
+    /// its subscribers' streams.
+    flips: Arc<Mutex<[watch::Sender<Flip>; MAX_SCANOUTS]>>,
+    /// Where ENABLE_SCANOUT/DISABLE_SCANOUT plug heads in and out.
+    display: QemuDisplay,
 }
 
 impl GpuScanouts {
     /// Watches `device`'s scanouts (it becomes the device's observer).
-    pub fn attach(device: &GpuDevice) -> Arc<GpuScanouts> {
+    /// `display`: QEMU's D-Bus display, for ENABLE_SCANOUT.
+    pub fn attach(device: &GpuDevice, display: QemuDisplay) -> Arc<GpuScanouts> {
         let s = Arc::new(GpuScanouts {
             resources: device.resources(),
             shown: Arc::new(Mutex::new([None; MAX_SCANOUTS])),
-            flips: Arc::new(std::array::from_fn(|_| watch::channel(Flip::default()).0)),
+            flips: Arc::new(Mutex::new(std::array::from_fn(|_| watch::channel(Flip::default()).0))),
+            display,
         });
         let (shown, flips) = (s.shown.clone(), s.flips.clone());
         // A page flip is SET_SCANOUT to the new buffer and at once a flush of
@@ -155,7 +162,8 @@ impl GpuScanouts {
             };
             if flipped {
                 let at_ns = monotonic_ns();
-                flips[id].send_modify(|f| *f = Flip { seq: f.seq + 1, at_ns });
+                flips.lock().unwrap_or_else(|p| p.into_inner())[id]
+                    .send_modify(|f| *f = Flip { seq: f.seq + 1, at_ns });
             }
         })));
         s
@@ -163,10 +171,39 @@ impl GpuScanouts {
 }
 
 impl ScanoutSource for GpuScanouts {
+    /// Every head the device has can be subscribed to, shown or not yet
+    /// (Helix subscribes right after ENABLE_SCANOUT, before the guest has
+    /// set a mode there): frames come once the guest shows something.
     fn watch(&self, scanout_id: u32) -> Option<watch::Receiver<Flip>> {
-        let shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
-        shown.get(scanout_id as usize)?.as_ref()?;
-        Some(self.flips[scanout_id as usize].subscribe())
+        let flips = self.flips.lock().unwrap_or_else(|p| p.into_inner());
+        Some(flips.get(scanout_id as usize)?.subscribe())
+    }
+
+    fn enable(&self, scanout_id: u32, width: u32, height: u32) -> Enabling<'_> {
+        Box::pin(async move {
+            if scanout_id as usize >= MAX_SCANOUTS || width == 0 || height == 0 || width > 16384 || height > 16384 {
+                return Err(format!("scanout {scanout_id} at {width}x{height}: out of range"));
+            }
+            self.display.set_output(scanout_id, width, height).await.map_err(|e| e.to_string())?;
+            // The Linux driver's name for a virtio-gpu head (as Helix's QEMU says it).
+            Ok(format!("Virtual-{}", scanout_id + 1))
+        })
+    }
+
+    fn disable(&self, scanout_id: u32) -> Enabling<'_> {
+        Box::pin(async move {
+            if scanout_id as usize >= MAX_SCANOUTS {
+                return Err(format!("no scanout {scanout_id}"));
+            }
+            let unplugged = self.display.set_output(scanout_id, 0, 0).await.map_err(|e| e.to_string());
+            // Its subscribers' streams end either way: a fresh channel for the head.
+            let old = std::mem::replace(
+                &mut self.flips.lock().unwrap_or_else(|p| p.into_inner())[scanout_id as usize],
+                watch::channel(Flip::default()).0,
+            );
+            drop(old);
+            unplugged.map(|()| format!("Virtual-{}", scanout_id + 1))
+        })
     }
 
     fn picture(&self, scanout_id: u32) -> Result<Resolved, ResolveError> {

@@ -30,11 +30,11 @@ mod conn;
 mod encoder;
 #[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
 pub mod gpu;
-#[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
-pub mod qemu_display;
 mod memory;
 mod pool;
 mod push;
+#[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
+pub mod qemu_display;
 mod reader;
 mod resolver;
 mod scanout;
@@ -65,7 +65,7 @@ pub use conn::StreamKind;
 pub use encoder::EncoderGauge;
 pub use reader::MessageDeadline;
 pub use resolver::{MemoryResolver, Peer, ResolveError, Resolved, ResourceResolver, VmResolvers, Vms};
-pub use scanout::{Flip, MemoryScanouts, ScanoutSource, VmScanouts, monotonic_ns};
+pub use scanout::{Enabling, Flip, MemoryScanouts, ScanoutSource, VmScanouts, monotonic_ns};
 pub use shm::ShmRegion;
 pub use stats::{SessionInfo, Snapshot, StatsRegistry};
 

@@ -56,9 +56,8 @@ impl QemuDisplay {
         };
         for n in 0..MAX_CONSOLES {
             let path = format!("/org/qemu/Display1/Console_{n}");
-            let proxy = zbus::Proxy::new(&conn, "org.qemu", path.as_str(), "org.qemu.Display1.Console")
-                .await
-                .map_err(bus)?;
+            let proxy =
+                zbus::Proxy::new(&conn, "org.qemu", path.as_str(), "org.qemu.Display1.Console").await.map_err(bus)?;
             // The consoles are numbered without gaps: the first missing one ends the search.
             let Ok(h) = proxy.get_property::<u32>("Head").await else { break };
             let kind: String = proxy.get_property("Type").await.unwrap_or_default();

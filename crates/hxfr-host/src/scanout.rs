@@ -57,7 +57,24 @@ pub trait ScanoutSource: Send + Sync {
     fn scope(&self, _peer: Peer<'_>) -> Option<Arc<dyn ScanoutSource>> {
         None
     }
+
+    /// ENABLE_SCANOUT: makes `scanout_id` a connected display of
+    /// `width`x`height` in the guest (which then sets a mode on it), and
+    /// names its connector; or says why it cannot. The default: this source
+    /// cannot hot-plug.
+    fn enable(&self, _scanout_id: u32, _width: u32, _height: u32) -> Enabling<'_> {
+        Box::pin(async { Err("this host cannot hot-plug displays".to_string()) })
+    }
+
+    /// DISABLE_SCANOUT: unplugs it (the guest stops showing anything there,
+    /// and its subscribers' streams end). Nothing is answered.
+    fn disable(&self, _scanout_id: u32) -> Enabling<'_> {
+        Box::pin(async { Err("this host cannot hot-plug displays".to_string()) })
+    }
 }
+
+/// What [`ScanoutSource::enable`] promises: the connector's name, or why not.
+pub type Enabling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + 'a>>;
 
 /// The host's `CLOCK_MONOTONIC` in nanoseconds: the clock of [`Flip::at_ns`]
 /// and so of every pushed frame's pts.

@@ -75,6 +75,10 @@ pub struct Qemu {
     ports: Vec<String>,
     serial_bus: bool,
     shared_memory: bool,
+    /// QEMU's `-display`.
+    display: String,
+    /// Extra environment for QEMU.
+    env: Vec<(String, String)>,
 }
 
 const MEMORY_MIB: u32 = 512;
@@ -88,6 +92,8 @@ impl Qemu {
             ports: Vec::new(),
             serial_bus: false,
             shared_memory: false,
+            display: "none".into(),
+            env: Vec::new(),
         }
     }
 
@@ -160,10 +166,23 @@ impl Qemu {
     /// --vhost-user-gpu`) listening on `socket`. 2D only: the backend
     /// offers neither VIRGL nor BLOB, so the guest's dumb buffers are plain
     /// resources with backing pages in guest RAM, which the backend maps.
-    pub fn vhost_user_gpu(mut self, socket: &Path) -> Qemu {
+    pub fn vhost_user_gpu(self, socket: &Path) -> Qemu {
+        self.vhost_user_gpu_heads(socket, 1)
+    }
+
+    /// The same with `heads` outputs (QEMU's `max_outputs`): heads past the
+    /// first are plugged in through QEMU's D-Bus display ([`Qemu::dbus_display`]).
+    pub fn vhost_user_gpu_heads(mut self, socket: &Path, heads: u32) -> Qemu {
         self.shared_memory = true;
         self.arg("-chardev", format!("socket,id=vhgpu,path={}", socket.display()));
-        self.arg("-device", "vhost-user-gpu-pci,chardev=vhgpu".into());
+        self.arg("-device", format!("vhost-user-gpu-pci,chardev=vhgpu,max_outputs={heads}"));
+        self
+    }
+
+    /// QEMU's D-Bus display (`org.qemu.Display1`) on the bus at `address`.
+    pub fn dbus_display(mut self, address: &str) -> Qemu {
+        self.display = "dbus,gl=off".into();
+        self.env.push(("DBUS_SESSION_BUS_ADDRESS".into(), address.into()));
         self
     }
 
@@ -182,7 +201,7 @@ impl Qemu {
             "-nodefaults",
             "-no-user-config",
             "-display",
-            "none",
+            &self.display,
             "-serial",
             "stdio",
             "-no-reboot",
@@ -206,6 +225,7 @@ impl Qemu {
     pub fn run(self, cmd: &str) -> Vm {
         let child = Command::new("qemu-system-x86_64")
             .args(self.command_line(cmd))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -359,6 +359,16 @@ fn gpu_host_and_device(
     listen: Vec<ListenAddr>,
     connect: Vec<PathBuf>,
 ) -> (HostHandle, hxfr_host::gpu::GpuDevice) {
+    gpu_host_with_display(gpu_sock, listen, connect, Default::default())
+}
+
+/// `display`: QEMU's D-Bus display, for ENABLE_SCANOUT.
+fn gpu_host_with_display(
+    gpu_sock: &Path,
+    listen: Vec<ListenAddr>,
+    connect: Vec<PathBuf>,
+    display: hxfr_host::qemu_display::QemuDisplay,
+) -> (HostHandle, hxfr_host::gpu::GpuDevice) {
     // RUST_LOG=debug shows the device's side of a failure.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -368,7 +378,7 @@ fn gpu_host_and_device(
     let gpu: std::sync::Arc<dyn hxfr_host::ResourceResolver> =
         std::sync::Arc::new(hxfr_host::gpu::GpuResolver::new(dev.resources()));
     let resolver = std::sync::Arc::new(hxfr_host::VmResolvers(hxfr_host::Vms::new(vec![("vm".into(), gpu)])));
-    let scanouts: std::sync::Arc<dyn hxfr_host::ScanoutSource> = hxfr_host::gpu::GpuScanouts::attach(&dev);
+    let scanouts: std::sync::Arc<dyn hxfr_host::ScanoutSource> = hxfr_host::gpu::GpuScanouts::attach(&dev, display);
     let cfg = HostConfig {
         encoder: hxfr_encode::EncoderKind::X264,
         resolver: Some(resolver),
@@ -621,5 +631,117 @@ fn scanout_push_a_helix_subscriber_gets_every_flip_and_nothing_while_still() {
     // flips 300 ms apart are not coalesced.
     assert_eq!(ours.len(), FLIPS as usize, "one frame per flip");
     println!("{} frames pushed, {} at {w}x{h}, every one of {FLIPS} flips seen", aus.len(), ours.len());
+    drop(host);
+}
+
+/// A private D-Bus bus (QEMU's display registers on it), stopped on drop.
+fn dbus_bus(dir: &Path) -> (Daemon, String) {
+    let addr = format!("unix:path={}", dir.join("bus").display());
+    let d = Daemon(
+        Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--nopidfile", &format!("--address={addr}")])
+            // (It warns that it may not raise its fd limit: harmless here.)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (Debian package dbus)"),
+    );
+    assert!(wait_for_path(&dir.join("bus"), Duration::from_secs(10)), "dbus-daemon made no socket");
+    (d, addr)
+}
+
+/// ENABLE_SCANOUT on a connection of the host's; the answer.
+fn enable_scanout(host: &Path, scanout_id: u32, width: u32, height: u32) -> (bool, String) {
+    use hxfr_proto::io::{read_packet, write_packet};
+    let mut s = std::os::unix::net::UnixStream::connect(host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let m = hxfr_proto::Message::EnableScanout { scanout_id, width, height };
+    write_packet(&mut s, &hxfr_proto::Packet::new(scanout_id as u16, m), &mut bytes::BytesMut::new()).unwrap();
+    let p = read_packet(&mut s, &mut hxfr_proto::FrameDecoder::default(), &mut bytes::BytesMut::new()).unwrap();
+    match p.message {
+        hxfr_proto::Message::ScanoutResp { scanout_id: id, success, connector } if id == scanout_id => {
+            (success, connector)
+        }
+        other => panic!("ENABLE_SCANOUT answered with {other:?}"),
+    }
+}
+
+/// ENABLE_SCANOUT plugs a second display into the guest through QEMU's
+/// D-Bus display: the guest sees connector 2 connected at the asked size,
+/// draws on it, and scanouts 0 (the guest's console) and 1 stream
+/// independently to two subscribers.
+#[test]
+fn enable_scanout_plugs_a_second_display_that_streams_on_its_own() {
+    const FLIPS: u32 = 10;
+    let (w, h) = (640u32, 480u32);
+    let img = Image::locate();
+    let dir = tempfile::tempdir().unwrap();
+    let (_bus, addr) = dbus_bus(dir.path());
+    let (gpu, listen) = (dir.path().join("gpu.sock"), dir.path().join("host.sock"));
+    let display = hxfr_host::qemu_display::QemuDisplay { bus: Some(addr.clone()) };
+    let (host, _device) = gpu_host_with_display(&gpu, vec![ListenAddr::Unix(listen.clone())], vec![], display);
+    // The guest waits for its second connector, then flips on it.
+    let guest = format!(
+        "for i in $(seq 1 150); do grep -qx connected /sys/class/drm/card0-Virtual-2/status && break; sleep 0.2; done; \
+         cat /sys/class/drm/card0-Virtual-2/status; \
+         hxfr-vmguest --flips {FLIPS} --connector 1 --size {w}x{h} --pace-ms 300 --hold-ms 2000"
+    );
+    let vm = Qemu::new(&img, &img.gpu)
+        .kernel(&img.generic_kernel)
+        .vhost_user_gpu_heads(&gpu, 2)
+        .dbus_display(&addr)
+        .run(&guest);
+    // QEMU's display is on the bus a moment after QEMU starts.
+    let mut answer = (false, String::new());
+    let plugged = hxfr_vmtest::wait_until(Duration::from_secs(30), || {
+        answer = enable_scanout(&listen, 1, w, h);
+        answer.0
+    });
+    assert!(plugged, "ENABLE_SCANOUT never succeeded:\n{}", vm.console());
+    assert_eq!(answer.1, "Virtual-2", "the connector's name");
+    let config = hxfr_testkit::subscriber::helix_config(w, h, 4_000_000);
+    let mut second = hxfr_testkit::subscriber::Subscriber::subscribe(&listen, 1, config).unwrap().expect("scanout 1");
+    let mut first = hxfr_testkit::subscriber::Subscriber::subscribe(&listen, 0, config).unwrap().expect("scanout 0");
+    // Frames of scanout 1 until the guest's last flip has happened and a
+    // second has passed (it then holds still).
+    let mut aus = Vec::new();
+    let last = format!("HXFR-FLIP {}", FLIPS - 1);
+    let mut quiet_from = None;
+    loop {
+        if quiet_from.is_none() && vm.console().contains(&last) {
+            quiet_from = Some(std::time::Instant::now());
+        }
+        let wait = match quiet_from {
+            Some(t) => Duration::from_millis(1500).saturating_sub(t.elapsed()),
+            None => Duration::from_secs(60),
+        };
+        match second.frame(wait).unwrap() {
+            Some(r) => aus.push(r.to_annex_b()),
+            None if quiet_from.is_some() => break,
+            None => panic!("{} frames on scanout 1, then none for 60 s:\n{}", aus.len(), vm.console()),
+        }
+    }
+    // Scanout 0 shows the guest's console, on its own stream.
+    let console = first.frame(Duration::from_secs(10)).unwrap().expect("a frame of scanout 0");
+    let o = vm.finish(VM_TIMEOUT);
+    assert!(o.console.contains(&format!("HXFR-FLIPS done flips={FLIPS} {w}x{h}")), "{}", o.console);
+    let pictures = decode_h264(&aus, Output::Nv12).expect("decodes");
+    assert!(pictures.iter().all(|p| (p.width, p.height) == (w, h)), "scanout 1 is {w}x{h}");
+    // Every flip's picture arrives on scanout 1, in order (after whatever the
+    // head showed before the guest drew on it).
+    let drawn: Vec<Vec<u8>> = (0..FLIPS)
+        .map(|i| {
+            let px = pattern_bgrx(Content::Motion, w, h, w as usize * 4, i);
+            hxfr_testkit::bgrx_to_nv12(&px, w, h, w as usize * 4, &pictures[0].colorimetry).unwrap()
+        })
+        .collect();
+    let seen: Vec<usize> = pictures
+        .iter()
+        .filter_map(|pic| {
+            (0..FLIPS as usize).find(|&i| psnr(Output::Nv12, &drawn[i], w as usize, pic) >= RESOURCE_PSNR)
+        })
+        .collect();
+    assert_eq!(seen, (0..FLIPS as usize).collect::<Vec<_>>(), "each flip once, in order ({} frames)", pictures.len());
+    let console = decode_h264(&[console.to_annex_b()], Output::Nv12).expect("decodes");
+    assert_ne!((console[0].width, console[0].height), (w, h), "scanout 0 is the console, not scanout 1");
     drop(host);
 }

@@ -64,8 +64,10 @@ pub type Devices = (Option<Arc<dyn ResourceResolver>>, Option<Arc<dyn ScanoutSou
 /// Starts every device. `vias` are the bound listeners' addresses, in
 /// `--listen` order.
 #[cfg(all(target_os = "linux", feature = "vhost-user-gpu"))]
-pub fn start(gpus: &[GpuArg], bindings: &[(Via, String)], vias: &[String]) -> Result<Devices> {
+/// `dbus`: the bus of QEMU's D-Bus display (ENABLE_SCANOUT); `None`: the session bus.
+pub fn start(gpus: &[GpuArg], bindings: &[(Via, String)], vias: &[String], dbus: Option<String>) -> Result<Devices> {
     use hxfr_host::gpu::{Config, GpuResolver, GpuScanouts, spawn_device};
+    use hxfr_host::qemu_display::QemuDisplay;
     use hxfr_host::{VmResolvers, VmScanouts, Vms};
     if gpus.is_empty() {
         if !bindings.is_empty() {
@@ -84,7 +86,7 @@ pub fn start(gpus: &[GpuArg], bindings: &[(Via, String)], vias: &[String]) -> Re
             g.socket.display()
         );
         vms.push((g.name.clone(), Arc::new(GpuResolver::new(dev.resources()))));
-        displays.push((g.name.clone(), GpuScanouts::attach(&dev)));
+        displays.push((g.name.clone(), GpuScanouts::attach(&dev, QemuDisplay { bus: dbus.clone() })));
     }
     let (mut resolvers, mut scanouts) = (Vms::new(vms), Vms::new(displays));
     for (via, vm) in bindings {
@@ -102,7 +104,7 @@ pub fn start(gpus: &[GpuArg], bindings: &[(Via, String)], vias: &[String]) -> Re
 }
 
 #[cfg(not(all(target_os = "linux", feature = "vhost-user-gpu")))]
-pub fn start(gpus: &[GpuArg], bindings: &[(Via, String)], _vias: &[String]) -> Result<Devices> {
+pub fn start(gpus: &[GpuArg], bindings: &[(Via, String)], _vias: &[String], _dbus: Option<String>) -> Result<Devices> {
     if !gpus.is_empty() || !bindings.is_empty() {
         bail!("--vhost-user-gpu: this build has no vhost-user-gpu device (Linux only)");
     }

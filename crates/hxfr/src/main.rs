@@ -62,6 +62,15 @@ struct HostArgs {
     /// resources. Linux only.
     #[arg(long = "vhost-user-gpu", value_name = "[NAME=]PATH")]
     vhost_user_gpu: Vec<String>,
+    /// The D-Bus bus of QEMU's display (`-display dbus,gl=off`), through
+    /// which ENABLE_SCANOUT plugs a display into the guest. [default: the
+    /// session bus, DBUS_SESSION_BUS_ADDRESS]
+    #[arg(long, value_name = "ADDRESS")]
+    qemu_dbus: Option<String>,
+    /// Scanout push: repeat a still display's last frame every this many ms
+    /// (for viewers that need a heartbeat; 0: never, as Helix expects).
+    #[arg(long, default_value_t = 0)]
+    scanout_keepalive_ms: u64,
     /// auto (hardware first: VideoToolbox on macOS, GStreamer elements
     /// elsewhere; then x264), videotoolbox, x264, or gst:ELEMENT.
     #[arg(long, default_value = "auto")]
@@ -194,10 +203,11 @@ fn host(a: HostArgs) -> Result<()> {
         shm_path: a.shm,
         resolver: None, // set below, once listeners are bound
         scanouts: None, // set below, with the resolver
-        scanout_keepalive: None,
+        scanout_keepalive: (a.scanout_keepalive_ms > 0).then(|| Duration::from_millis(a.scanout_keepalive_ms)),
         stats_interval: (a.stats_interval > 0).then(|| Duration::from_secs(a.stats_interval)),
         allow_remote: a.allow_remote,
     };
+    let qemu_dbus = a.qemu_dbus;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mut listeners = Vec::new();
@@ -206,7 +216,7 @@ fn host(a: HostArgs) -> Result<()> {
         }
         let vias: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
         let mut config = config;
-        (config.resolver, config.scanouts) = gpu::start(&gpus, &bindings, &vias)?;
+        (config.resolver, config.scanouts) = gpu::start(&gpus, &bindings, &vias, qemu_dbus)?;
         let host = hxfr_host::Host::new(config)?;
         info!("encoder: {}", host.encoder());
         let stats = host.stats();
