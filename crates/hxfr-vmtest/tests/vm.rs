@@ -552,7 +552,8 @@ fn a_new_qemu_on_the_same_device_starts_from_an_empty_device() {
 /// mode and page-flips a drawn pattern 20 times, then holds still. A
 /// subscriber that keeps Helix's rules gets only one-entry FRAME_RESPONSEs;
 /// they decode to every picture the guest flipped to (PSNR ≥ 40 dB in YUV),
-/// in order, the first an IDR, and nothing comes while the guest is still.
+/// in order, the first an IDR, and nothing comes while the guest is still;
+/// a second subscriber that stops reading slows nobody.
 #[test]
 fn scanout_push_a_helix_subscriber_gets_every_flip_and_nothing_while_still() {
     const FLIPS: u32 = 20;
@@ -575,6 +576,8 @@ fn scanout_push_a_helix_subscriber_gets_every_flip_and_nothing_while_still() {
     });
     assert!(found, "scanout 0 never appeared:\n{}", vm.console());
     let mut sub = sub.unwrap();
+    // A second subscriber that never reads: it must not slow the first.
+    let _stalled = hxfr_testkit::subscriber::Subscriber::subscribe(&listen, 0, config).unwrap().expect("scanout 0");
     // Frames until the last flip's picture has come and the guest has held
     // still for two seconds after it (it holds for four).
     let mut aus: Vec<Bytes> = Vec::new();
