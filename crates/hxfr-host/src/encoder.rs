@@ -99,6 +99,38 @@ impl EncoderFactory {
     }
 
     /// Opens an encoder if the caps allow one more of its size.
+    /// Keeps `slot` an encoder for `frame`'s size: reopened when the size
+    /// changes (the old one closed first, so it no longer counts against the
+    /// host's caps), with `tune` applied to its config, and told to `stats`.
+    pub fn ensure(
+        &self,
+        slot: &mut Option<LiveEncoder>,
+        frame: &hxfr_encode::Frame<'_>,
+        stats: &std::sync::Mutex<crate::stats::SessionStats>,
+        tune: impl FnOnce(&mut EncoderConfig),
+    ) -> Result<(), OpenError> {
+        if let Some(e) = slot.as_ref() {
+            let c = e.config();
+            if (c.width, c.height) == (frame.width, frame.height) {
+                return Ok(());
+            }
+            tracing::info!("size {}x{} -> {}x{}: new encoder", c.width, c.height, frame.width, frame.height);
+            *slot = None;
+        }
+        let mut cfg = self.config(frame.width, frame.height);
+        tune(&mut cfg);
+        let enc = self.open(&cfg)?;
+        {
+            let s = &mut stats.lock().unwrap().info;
+            s.encoder = enc.name().to_string();
+            s.width = frame.width;
+            s.height = frame.height;
+        }
+        tracing::debug!(encoder = enc.name(), "{}x{} @ {} bit/s", cfg.width, cfg.height, cfg.bitrate);
+        *slot = Some(enc);
+        Ok(())
+    }
+
     pub fn open(&self, config: &EncoderConfig) -> Result<LiveEncoder, OpenError> {
         let lease = self.lease(config.width as u64 * config.height as u64)?;
         let enc = hxfr_encode::open(&self.kind, config).map_err(OpenError::Failed)?;

@@ -288,28 +288,9 @@ impl Worker {
 
     /// (Re)builds the encoder when there is none or the frame size changed.
     fn ensure_encoder(&mut self, frame: &Frame<'_>) -> Result<(), OpenError> {
-        if let Some(e) = &self.encoder {
-            let c = e.config();
-            if (c.width, c.height) == (frame.width, frame.height) {
-                return Ok(());
-            }
-            info!("size {}x{} -> {}x{}: new encoder", c.width, c.height, frame.width, frame.height);
-            self.encoder = None; // no longer counted against the host's caps
-        }
-        let mut cfg = self.encoders.config(frame.width, frame.height);
-        cfg.fps_num = self.rate.fps_num;
-        cfg.fps_den = self.rate.fps_den;
-        cfg.bitrate = self.rate.bitrate;
-        cfg.profile = self.rate.profile;
-        let enc = self.encoders.open(&cfg)?;
-        {
-            let s = &mut self.stats.lock().unwrap().info;
-            s.encoder = enc.name().to_string();
-            s.width = frame.width;
-            s.height = frame.height;
-        }
-        debug!(encoder = enc.name(), "{}x{} @ {} bit/s", cfg.width, cfg.height, cfg.bitrate);
-        self.encoder = Some(enc);
-        Ok(())
+        let r = self.rate;
+        self.encoders.ensure(&mut self.encoder, frame, &self.stats, |cfg| {
+            (cfg.fps_num, cfg.fps_den, cfg.bitrate, cfg.profile) = (r.fps_num, r.fps_den, r.bitrate, r.profile)
+        })
     }
 }

@@ -343,6 +343,12 @@ fn virtio_gpu_resource_id_matches_qemu() {
     assert_eq!(guest_id, qemu_id, "{}", o.console);
 }
 
+/// A guest on Debian's generic kernel (it has DRM) whose virtio-gpu is the
+/// host's device on `gpu`.
+fn gpu_vm(img: &Image, initrd: &Path, gpu: &Path) -> Qemu {
+    Qemu::new(img, initrd).kernel(&img.generic_kernel).vhost_user_gpu(gpu)
+}
+
 /// The resource path's bar: what the guest drew, encoded from its own pages.
 const RESOURCE_PSNR: f64 = 40.0;
 /// Frames by id, and three refusals on the way.
@@ -405,6 +411,28 @@ fn check_drawn_pictures(aus: &[Bytes]) {
     println!("{} pictures, PSNR ≥ {worst:.1} dB (colorimetry {})", pictures.len(), pictures[0].colorimetry);
 }
 
+/// The host as the VM's GPU, its guests on virtio-serial (through a relay
+/// that counts the bytes).
+struct SerialGpu {
+    _dir: tempfile::TempDir,
+    gpu: PathBuf,
+    sock: PathBuf,
+    out: PathBuf,
+    relay: CountingRelay,
+    host: HostHandle,
+}
+
+impl SerialGpu {
+    fn start() -> SerialGpu {
+        let dir = tempfile::tempdir().unwrap();
+        let (gpu, sock, out) = (dir.path().join("gpu.sock"), dir.path().join("frame.sock"), dir.path().join("out.bin"));
+        let counted = dir.path().join("counted.sock");
+        let relay = CountingRelay::start(&counted, &sock);
+        let host = gpu_host(&gpu, vec![], vec![counted]);
+        SerialGpu { _dir: dir, gpu, sock, out, relay, host }
+    }
+}
+
 /// The guest sent `frames` frames by id and three the host had to refuse;
 /// `sent` is what crossed the socket from the guest to the host.
 #[track_caller]
@@ -432,20 +460,16 @@ fn assert_resource_run(o: &hxfr_vmtest::Outcome, host: &HostHandle, sent: u64, o
 #[test]
 fn resource_ids_resolve_through_the_hosts_vhost_user_gpu_over_virtio_serial() {
     let img = Image::locate();
-    let dir = tempfile::tempdir().unwrap();
-    let (gpu, sock, out) = (dir.path().join("gpu.sock"), dir.path().join("frame.sock"), dir.path().join("out.bin"));
-    let counted = dir.path().join("counted.sock");
-    let relay = CountingRelay::start(&counted, &sock);
-    let host = gpu_host(&gpu, vec![], vec![counted]);
-    let vm = Qemu::new(&img, &img.gpu)
-        .kernel(&img.generic_kernel)
-        .vhost_user_gpu(&gpu)
-        .port_socket(PORT, &sock)
-        .port_file(OUT, &out)
-        .run(&vmguest(&serial_addr(), 30, RESOURCE_GUEST));
+    let t = SerialGpu::start();
+    let (gpu, sock, out, relay, host) = (&t.gpu, &t.sock, &t.out, &t.relay, &t.host);
+    let vm = gpu_vm(&img, &img.gpu, gpu).port_socket(PORT, sock).port_file(OUT, out).run(&vmguest(
+        &serial_addr(),
+        30,
+        RESOURCE_GUEST,
+    ));
     let o = vm.finish(VM_TIMEOUT);
     // The host connected to the relay: what goes back is the guest's.
-    assert_resource_run(&o, &host, relay.back.load(Relaxed), &out, 30);
+    assert_resource_run(&o, host, relay.back.load(Relaxed), out, 30);
 }
 
 /// The same over vsock (vhost-device-vsock beside the GPU device: two
@@ -466,12 +490,11 @@ fn resource_ids_resolve_through_the_hosts_vhost_user_gpu_over_vsock() {
     let host_sock = dir.path().join("host.sock");
     let relay = CountingRelay::start(&dir.path().join("vsock.sock_5000"), &host_sock);
     let host = gpu_host(&gpu, vec![ListenAddr::Unix(host_sock)], vec![]);
-    let vm = Qemu::new(&img, &img.gpu)
-        .kernel(&img.generic_kernel)
-        .vhost_user_gpu(&gpu)
-        .vhost_vsock(&vhost)
-        .port_file(OUT, &out)
-        .run(&vmguest("vsock:2:5000", 30, RESOURCE_GUEST));
+    let vm = gpu_vm(&img, &img.gpu, &gpu).vhost_vsock(&vhost).port_file(OUT, &out).run(&vmguest(
+        "vsock:2:5000",
+        30,
+        RESOURCE_GUEST,
+    ));
     let o = vm.finish(VM_TIMEOUT);
     // vhost-device-vsock connected to the relay on the guest's behalf.
     assert_resource_run(&o, &host, relay.forward.load(Relaxed), &out, 30);
@@ -483,30 +506,22 @@ fn resource_ids_resolve_through_the_hosts_vhost_user_gpu_over_vsock() {
 #[test]
 fn gstreamer_guest_vsockenc_auto_picks_resource_mode_on_the_hosts_gpu() {
     let img = Image::locate();
-    let dir = tempfile::tempdir().unwrap();
-    let (gpu, sock, out) = (dir.path().join("gpu.sock"), dir.path().join("frame.sock"), dir.path().join("out.bin"));
-    let counted = dir.path().join("counted.sock");
-    let relay = CountingRelay::start(&counted, &sock);
-    let host = gpu_host(&gpu, vec![], vec![counted]);
+    let t = SerialGpu::start();
+    let (gpu, sock, out, relay, host) = (&t.gpu, &t.sock, &t.out, &t.relay, &t.host);
     let cmd = format!(
         "export GST_PLUGIN_SYSTEM_PATH=/gst GST_REGISTRY=/tmp/gst-registry.bin GST_REGISTRY_FORK=no \
          GST_DEBUG=vsockenc:4 GST_DEBUG_NO_COLOR=1; dmabuf_frames {} 30 {W}x{H} auto /dev/virtio-ports/{OUT}",
         serial_addr()
     );
-    let vm = Qemu::new(&img, &img.gst_gpu)
-        .kernel(&img.generic_kernel)
-        .vhost_user_gpu(&gpu)
-        .port_socket(PORT, &sock)
-        .port_file(OUT, &out)
-        .run(&cmd);
+    let vm = gpu_vm(&img, &img.gst_gpu, gpu).port_socket(PORT, sock).port_file(OUT, out).run(&cmd);
     let o = vm.finish(VM_TIMEOUT);
     assert_eq!(o.status, Some(0), "{}", o.console);
     assert!(o.console.contains("transfer resource"), "{}", o.console);
     assert!(o.console.contains("frames-answered=(guint64)30"), "{}", o.console);
-    let aus = split_access_units(&std::fs::read(&out).unwrap());
+    let aus = split_access_units(&std::fs::read(out).unwrap());
     assert_eq!(aus.len(), 30, "access units in the guest's file");
     check_drawn_pictures(&aus);
-    assert_eq!(host_totals(&host).0, 30);
+    assert_eq!(host_totals(host).0, 30);
     let sent = relay.back.load(Relaxed);
     assert!(sent < 30 * 1024, "{sent} bytes on the socket for 30 frames");
     println!("guest → host: {sent} bytes for 30 frames");
@@ -524,12 +539,11 @@ fn a_new_qemu_on_the_same_device_starts_from_an_empty_device() {
     let (host, device) = gpu_host_and_device(&gpu, vec![], vec![sock.clone()]);
     for boot in 0..2 {
         let _ = std::fs::remove_file(&out);
-        let vm = Qemu::new(&img, &img.gpu)
-            .kernel(&img.generic_kernel)
-            .vhost_user_gpu(&gpu)
-            .port_socket(PORT, &sock)
-            .port_file(OUT, &out)
-            .run(&vmguest(&serial_addr(), 10, "--resource"));
+        let vm = gpu_vm(&img, &img.gpu, &gpu).port_socket(PORT, &sock).port_file(OUT, &out).run(&vmguest(
+            &serial_addr(),
+            10,
+            "--resource",
+        ));
         let o = vm.finish(VM_TIMEOUT);
         let r = assert_guest_ok(&o, 10);
         assert_eq!(r.answered, 10, "boot {boot}:\n{}", o.console);
@@ -562,9 +576,7 @@ fn scanout_push_a_helix_subscriber_gets_every_flip_and_nothing_while_still() {
     let dir = tempfile::tempdir().unwrap();
     let (gpu, listen) = (dir.path().join("gpu.sock"), dir.path().join("host.sock"));
     let (host, _device) = gpu_host_and_device(&gpu, vec![ListenAddr::Unix(listen.clone())], vec![]);
-    let vm = Qemu::new(&img, &img.gpu)
-        .kernel(&img.generic_kernel)
-        .vhost_user_gpu(&gpu)
+    let vm = gpu_vm(&img, &img.gpu, &gpu)
         .run(&format!("hxfr-vmguest --flips {FLIPS} --size {w}x{h} --pace-ms 300 --hold-ms 4000"));
     // Scanout 0 exists once the guest's console has set it (early in boot).
     let config = hxfr_testkit::subscriber::helix_config(w, h, 4_000_000);
