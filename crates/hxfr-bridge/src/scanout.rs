@@ -76,6 +76,9 @@ pub struct Counters {
     pub subscribed: AtomicU64,
     /// SUBSCRIBEs answered success = 0.
     pub refused: AtomicU64,
+    /// ENABLE_SCANOUTs answered success = 1, and those answered success = 0 or not at all.
+    pub enabled: AtomicU64,
+    pub enable_failed: AtomicU64,
     /// Access units received, and handed to the hub.
     pub frames: AtomicU64,
     pub keyframes: AtomicU64,
@@ -411,12 +414,20 @@ fn handshake(
             Message::ScanoutResp { scanout_id, success, connector } if scanout_id == id => Some((success, connector)),
             _ => None,
         })?;
+        let c = &shared.counters;
         match answer {
-            Some((true, connector)) => info!("scanout {id}: enabled at {width}x{height} as {connector:?}"),
+            Some((true, connector)) => {
+                c.enabled.fetch_add(1, Ordering::Relaxed);
+                info!("scanout {id}: enabled at {width}x{height} as {connector:?}")
+            }
             Some((false, _)) => {
+                c.enable_failed.fetch_add(1, Ordering::Relaxed);
                 warn!("scanout {id}: the host did not enable it at {width}x{height} (success=0); subscribing anyway")
             }
-            None => warn!("scanout {id}: no SCANOUT_RESP within {ANSWER_TIMEOUT:?}; subscribing anyway"),
+            None => {
+                c.enable_failed.fetch_add(1, Ordering::Relaxed);
+                warn!("scanout {id}: no SCANOUT_RESP within {ANSWER_TIMEOUT:?}; subscribing anyway")
+            }
         }
     }
     loop {

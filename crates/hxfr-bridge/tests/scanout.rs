@@ -33,8 +33,13 @@ fn host(sock: &std::path::Path, scanouts: &Arc<MemoryScanouts>) -> HostHandle {
 }
 
 async fn bridge(sock: &std::path::Path) -> Bridge {
+    bridge_with(sock, false).await
+}
+
+async fn bridge_with(sock: &std::path::Path, enable_scanout: bool) -> Bridge {
     Bridge::start(BridgeConfig {
         source: Source::Scanout(0),
+        enable_scanout,
         width: W,
         height: H,
         host_encoder: format!("unix:{}", sock.display()),
@@ -245,5 +250,24 @@ async fn the_bridge_waits_for_the_host_and_the_scanout_and_comes_back_after_a_ho
     assert_eq!(decode_h264(&aus, Output::Nv12).unwrap().len(), aus.len());
     flipper.stop();
     assert!(c.connections.load(Ordering::Relaxed) >= 2);
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scanout_the_host_cannot_enable_is_subscribed_to_anyway() {
+    // This host has no D-Bus display to hot-plug with: ENABLE_SCANOUT gets success=0.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("h.sock");
+    let scanouts = Arc::new(MemoryScanouts::default());
+    scanouts.add(0);
+    let _host = host(&sock, &scanouts);
+    let b = bridge_with(&sock, true).await;
+    let c = b.scanout().unwrap();
+    until("the subscription", || c.subscribed.load(Ordering::Relaxed) == 1).await;
+    assert_eq!((c.enabled.load(Ordering::Relaxed), c.enable_failed.load(Ordering::Relaxed)), (0, 1));
+    let mut ws = viewer(&b).await;
+    flip(&scanouts, 0);
+    let (h, au) = next_au(&mut ws, TIMEOUT).await.expect("a frame for the flip");
+    assert!(h.keyframe && idr(&au));
     b.stop();
 }
