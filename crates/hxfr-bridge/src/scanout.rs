@@ -492,6 +492,9 @@ impl Forwarder {
             if let Some((w, h)) =
                 nals.iter().find(|n| !n.is_empty() && n[0] & 0x1f == 7).and_then(|sps| dimensions(sps))
             {
+                if (w, h) != (self.width, self.height) || hub.size().is_none() {
+                    hub.set_size(w, h);
+                }
                 (self.width, self.height) = (w, h);
             }
         }

@@ -37,11 +37,15 @@ async fn bridge(sock: &std::path::Path) -> Bridge {
 }
 
 async fn bridge_with(sock: &std::path::Path, enable_scanout: bool) -> Bridge {
+    bridge_sized(sock, enable_scanout, W, H).await
+}
+
+async fn bridge_sized(sock: &std::path::Path, enable_scanout: bool, width: u32, height: u32) -> Bridge {
     Bridge::start(BridgeConfig {
         source: Source::Scanout(0),
         enable_scanout,
-        width: W,
-        height: H,
+        width,
+        height,
         host_encoder: format!("unix:{}", sock.display()),
         listen: "127.0.0.1:0".parse().unwrap(),
         ..Default::default()
@@ -269,5 +273,33 @@ async fn a_scanout_the_host_cannot_enable_is_subscribed_to_anyway() {
     flip(&scanouts, 0);
     let (h, au) = next_au(&mut ws, TIMEOUT).await.expect("a frame for the flip");
     assert!(h.keyframe && idr(&au));
+    b.stop();
+}
+
+/// Hello and Helix's StreamInit announce the scanout's real size once it is
+/// known, whatever `--size` said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_viewers_are_told_the_scanouts_size_not_the_configured_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("h.sock");
+    let scanouts = Arc::new(MemoryScanouts::default());
+    scanouts.add(0);
+    let _host = host(&sock, &scanouts);
+    let b = bridge_sized(&sock, false, 640, 480).await;
+    let mut first = viewer(&b).await;
+    flip(&scanouts, 0);
+    let (h, _) = next_au(&mut first, TIMEOUT).await.expect("a frame for the flip");
+    assert_eq!((h.width, h.height), (W, H));
+    assert_eq!(b.hub.size(), Some((W, H)));
+    let (mut ws, _) = tokio_tungstenite::connect_async(b.url().replace("http://", "ws://") + "stream").await.unwrap();
+    let Some(Ok(Message::Text(hello))) = ws.next().await else { panic!("hello first") };
+    let hello: serde_json::Value = serde_json::from_str(&hello).unwrap();
+    assert_eq!((hello["width"].as_u64(), hello["height"].as_u64()), (Some(W as u64), Some(H as u64)), "{hello}");
+    let (mut helix, _) = tokio_tungstenite::connect_async(b.helix_url()).await.unwrap();
+    let init = r#"{"type":"init","host_id":0,"app_id":0,"session_id":"t","width":1920,"height":1080,"fps":60,"bitrate":20000,"packet_size":1024,"play_audio_local":false,"video_supported_formats":1}"#;
+    helix.send(Message::Text(init.into())).await.unwrap();
+    let Some(Ok(Message::Binary(si))) = helix.next().await else { panic!("StreamInit first") };
+    let be16 = |i: usize| u16::from_be_bytes([si[i], si[i + 1]]) as u32;
+    assert_eq!((si[0], be16(2), be16(4)), (0x30, W, H), "StreamInit: {si:02x?}");
     b.stop();
 }
