@@ -308,6 +308,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sources_parse() {
+        let p = |s: &str| s.parse::<Source>();
+        assert_eq!(p("test"), Ok(Source::Test));
+        assert_eq!(p("x11::1"), Ok(Source::X11(Some(":1".into()))));
+        assert_eq!(p("pipewire:fd=7"), Ok(Source::Pipewire { node: None, fd: Some(7) }));
+        assert_eq!(p("scanout:0"), Ok(Source::Scanout(0)));
+        assert_eq!(p("scanout:15"), Ok(Source::Scanout(15)));
+        for bad in ["scanout", "scanout:", "scanout:x", "scanout:-1", "webcam"] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn vsockenc_is_addressed_through_the_properties_helix_s_element_shares() {
         let props = |a: &str, has_host| vsockenc_address(&a.parse().unwrap(), has_host);
         let own = |v: &[(&'static str, &str)]| v.iter().map(|(p, s)| (*p, s.to_string())).collect::<Vec<_>>();
