@@ -303,3 +303,25 @@ async fn new_viewers_are_told_the_scanouts_size_not_the_configured_one() {
     assert_eq!((si[0], be16(2), be16(4)), (0x30, W, H), "StreamInit: {si:02x?}");
     b.stop();
 }
+
+/// A still desktop sends nothing for long stretches: the bridge's PINGs
+/// (answered with PONG) keep the subscription, so nothing is reconnected
+/// and the next flip is a P frame, not the IDR of a new subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_still_stretch_keeps_the_subscription() {
+    let s = setup().await;
+    let mut ws = viewer(&s.bridge).await;
+    flip(&s.scanouts, 0);
+    let (h, _) = next_au(&mut ws, TIMEOUT).await.expect("a frame for the flip");
+    assert!(h.keyframe);
+    assert!(
+        next_au(&mut ws, hxfr_bridge::scanout::DEAD_AFTER + Duration::from_secs(2)).await.is_none(),
+        "nothing while still"
+    );
+    flip(&s.scanouts, 1);
+    let (h, _) = next_au(&mut ws, TIMEOUT).await.expect("a frame for the next flip");
+    assert!(!h.keyframe, "the same subscription goes on: a P frame");
+    let c = s.bridge.scanout().unwrap();
+    assert_eq!((c.connections.load(Ordering::Relaxed), c.subscribed.load(Ordering::Relaxed)), (1, 1));
+    s.bridge.stop();
+}
