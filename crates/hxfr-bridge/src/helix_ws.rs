@@ -248,9 +248,10 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
         sps_reported: false,
     };
     let Some(init) = wait_init(&mut conn, &mut rx).await else { return };
-    let (Ok(width), Ok(height), Ok(fps)) = (u16::try_from(ep.width), u16::try_from(ep.height), u8::try_from(ep.fps))
-    else {
-        conn.send_error(&format!("{}x{} at {} fps does not fit Helix's StreamInit", ep.width, ep.height, ep.fps)).await;
+    // The stream's own size when the source knows it (scanout push), else the configured one.
+    let (w, h) = st.hub.size().unwrap_or((ep.width, ep.height));
+    let (Ok(width), Ok(height), Ok(fps)) = (u16::try_from(w), u16::try_from(h), u8::try_from(ep.fps)) else {
+        conn.send_error(&format!("{w}x{h} at {} fps does not fit Helix's StreamInit", ep.fps)).await;
         return;
     };
     info!(

@@ -61,6 +61,10 @@ pub struct Hub {
     pub bytes: AtomicU64,
     pub keyframes: AtomicU64,
     pub keyframe_requests: AtomicU64,
+    /// The stream's picture size when the source learns it from the stream
+    /// itself (scanout push: the scanout's mode), `width << 32 | height`; 0
+    /// while unknown, and for sources whose size is the configured one.
+    size: AtomicU64,
 }
 
 impl Default for Hub {
@@ -73,6 +77,7 @@ impl Default for Hub {
             bytes: AtomicU64::new(0),
             keyframes: AtomicU64::new(0),
             keyframe_requests: AtomicU64::new(0),
+            size: AtomicU64::new(0),
         }
     }
 }
@@ -100,6 +105,18 @@ impl Hub {
         if let Some(f) = &*self.request_keyframe.lock().unwrap() {
             f();
         }
+    }
+
+    /// Records the stream's picture size (see [`Hub::size`]).
+    pub fn set_size(&self, width: u32, height: u32) {
+        self.size.store((width as u64) << 32 | height as u64, Ordering::Relaxed);
+    }
+
+    /// The stream's picture size as last recorded, if any: what new viewers
+    /// are told instead of the configured size.
+    pub fn size(&self) -> Option<(u32, u32)> {
+        let s = self.size.load(Ordering::Relaxed);
+        (s != 0).then_some(((s >> 32) as u32, s as u32))
     }
 
     pub fn subscribe(&self) -> Arc<Viewer> {

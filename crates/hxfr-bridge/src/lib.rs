@@ -5,6 +5,10 @@
 //! encodes; NVENC or VA-API on real GPUs; x264 as the last resort), and
 //! streams the access units over WebSocket to an embedded WebCodecs page,
 //! and in Helix's desktop stream protocol to Helix's own client (`/ws/stream`).
+//! With `--source scanout:N` there is no capture or encoding in the guest at
+//! all: the host, being the VM's GPU, encodes scanout N on every flip and
+//! pushes the access units, which the bridge forwards to the same viewers
+//! ([`scanout`]).
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
@@ -16,6 +20,7 @@ pub mod hub;
 pub mod pipeline;
 /// The `hxfr stream` client: watches a bridge as a viewer would and reports what arrives.
 pub mod probe;
+pub mod scanout;
 pub mod select;
 mod server;
 pub mod wire;
@@ -39,8 +44,12 @@ pub struct BridgeConfig {
     pub fps: u32,
     /// `auto` or an encoder element name.
     pub encoder: String,
-    /// Where vsockenc finds the host.
+    /// Where vsockenc finds the host (and, with `Source::Scanout`, where the
+    /// bridge subscribes).
     pub host_encoder: String,
+    /// With `Source::Scanout`: send ENABLE_SCANOUT at `width`x`height` before
+    /// subscribing (hot-plug the connector).
+    pub enable_scanout: bool,
     pub bitrate: u32,
     pub listen: SocketAddr,
     pub token: Option<String>,
@@ -63,6 +72,7 @@ impl Default for BridgeConfig {
             fps: 30,
             encoder: "auto".into(),
             host_encoder: format!("tcp:10.0.2.2:{}", hxfr_proto::defaults::TCP_PORT),
+            enable_scanout: false,
             bitrate: hxfr_proto::defaults::BITRATE,
             listen: "127.0.0.1:8080".parse().expect("valid address"),
             token: None,
@@ -84,7 +94,7 @@ pub struct Bridge {
     pub helix: Arc<helix_ws::Counters>,
     /// The `Host`/`Origin` rules and their refusal counts.
     pub access: Arc<access::Access>,
-    pipeline: gst::Pipeline,
+    feed: Feed,
     server: tokio::task::JoinHandle<()>,
     token: Option<String>,
 }
@@ -105,26 +115,58 @@ impl Bridge {
                 ),
             }
         }
-        gst::init()?;
-        gstvsockenc::plugin_register_static().context("registering vsockenc")?;
-        let choice = select::choose(&cfg.encoder, &cfg.sysfs, &|e| gst::ElementFactory::find(e).is_some());
-        info!("encoder: {} ({})", choice.element, choice.reason);
         let hub = Arc::new(hub::Hub::default());
-        let pcfg = pipeline::PipelineConfig {
-            source: cfg.source.clone(),
-            width: cfg.width,
-            height: cfg.height,
-            fps: cfg.fps,
-            encoder: choice.clone(),
-            host_encoder: cfg.host_encoder.clone(),
-            bitrate: cfg.bitrate,
+        let (choice, feed) = match &cfg.source {
+            Source::Scanout(id) => {
+                if cfg.encoder != "auto" {
+                    warn!("--encoder {} is ignored: with --source scanout:{id} the host encodes", cfg.encoder);
+                }
+                let host: hxfr_guest::HostAddr = cfg
+                    .host_encoder
+                    .parse()
+                    .map_err(|e: hxfr_proto::AddrError| anyhow::anyhow!("--host-encoder {e}"))?;
+                let choice = Choice {
+                    element: SCANOUT_ENCODER.into(),
+                    reason: format!("the host encodes scanout {id} on every flip and pushes it ({host})"),
+                };
+                let sub = scanout::Subscription::start(
+                    scanout::ScanoutConfig {
+                        scanout_id: *id,
+                        host,
+                        enable: cfg.enable_scanout.then_some((cfg.width, cfg.height)),
+                        width: cfg.width,
+                        height: cfg.height,
+                        bitrate: cfg.bitrate,
+                        fps: cfg.fps,
+                    },
+                    hub.clone(),
+                )
+                .context("starting the scanout subscription")?;
+                (choice, Feed::Scanout(sub))
+            }
+            _ => {
+                gst::init()?;
+                gstvsockenc::plugin_register_static().context("registering vsockenc")?;
+                let choice = select::choose(&cfg.encoder, &cfg.sysfs, &|e| gst::ElementFactory::find(e).is_some());
+                let pcfg = pipeline::PipelineConfig {
+                    source: cfg.source.clone(),
+                    width: cfg.width,
+                    height: cfg.height,
+                    fps: cfg.fps,
+                    encoder: choice.clone(),
+                    host_encoder: cfg.host_encoder.clone(),
+                    bitrate: cfg.bitrate,
+                };
+                let pipeline = pipeline::build(&pcfg, hub.clone())?;
+                if let Err(e) = pipeline.set_state(gst::State::Playing) {
+                    let why = first_error(&pipeline).unwrap_or_else(|| e.to_string());
+                    let _ = pipeline.set_state(gst::State::Null);
+                    bail!("the pipeline did not start: {why}");
+                }
+                (choice, Feed::Pipeline(pipeline))
+            }
         };
-        let pipeline = pipeline::build(&pcfg, hub.clone())?;
-        if let Err(e) = pipeline.set_state(gst::State::Playing) {
-            let why = first_error(&pipeline).unwrap_or_else(|| e.to_string());
-            let _ = pipeline.set_state(gst::State::Null);
-            bail!("the pipeline did not start: {why}");
-        }
+        info!("encoder: {} ({})", choice.element, choice.reason);
         let listener =
             tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
@@ -152,7 +194,7 @@ impl Bridge {
         let rules = Arc::new(access::Access::new(addr.ip(), &cfg.allow_origins, &cfg.allow_hosts));
         let app = server::router(state).layer(axum::middleware::from_fn_with_state(rules.clone(), access::guard));
         let server = tokio::spawn(access::serve(listener, app, cfg.limits, rules.clone()));
-        Ok(Bridge { addr, choice, hub, helix, access: rules, pipeline, server, token: cfg.token })
+        Ok(Bridge { addr, choice, hub, helix, access: rules, feed, server, token: cfg.token })
     }
 
     /// The page's address (with the token when one is needed).
@@ -174,9 +216,22 @@ impl Bridge {
         }
     }
 
+    /// The scanout subscription's counters (`Source::Scanout` only).
+    pub fn scanout(&self) -> Option<&scanout::Counters> {
+        match &self.feed {
+            Feed::Scanout(s) => Some(s.counters()),
+            Feed::Pipeline(_) => None,
+        }
+    }
+
     /// Waits until the pipeline fails or ends; returns its error if it failed.
+    /// A scanout subscription never ends by itself (it reconnects).
     pub async fn wait(&self) -> Result<()> {
-        let bus = self.pipeline.bus().context("pipeline bus")?;
+        let pipeline = match &self.feed {
+            Feed::Pipeline(p) => p,
+            Feed::Scanout(_) => return std::future::pending().await,
+        };
+        let bus = pipeline.bus().context("pipeline bus")?;
         let mut messages = bus.stream();
         while let Some(msg) = futures::StreamExt::next(&mut messages).await {
             match msg.view() {
@@ -192,10 +247,26 @@ impl Bridge {
     }
 
     pub fn stop(self) {
-        let _ = self.pipeline.set_state(gst::State::Null);
+        match &self.feed {
+            Feed::Pipeline(p) => {
+                let _ = p.set_state(gst::State::Null);
+            }
+            Feed::Scanout(s) => s.stop(),
+        }
         self.hub.close();
         self.server.abort();
     }
+}
+
+/// What the page and `hello` name as the encoder with `--source scanout:N`.
+pub const SCANOUT_ENCODER: &str = "host scanout push";
+
+/// Where the hub's access units come from.
+enum Feed {
+    /// Capture and encode in a GStreamer pipeline (its appsink publishes).
+    Pipeline(gst::Pipeline),
+    /// The host pushes a scanout's frames ([`scanout`]).
+    Scanout(scanout::Subscription),
 }
 
 fn first_error(p: &gst::Pipeline) -> Option<String> {

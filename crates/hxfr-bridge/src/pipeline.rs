@@ -22,6 +22,9 @@ pub enum Source {
     /// PipeWire ScreenCast: `pipewire` (default node), `pipewire:NODE_ID`, or
     /// `pipewire:fd=N` for a portal's fd passed in.
     Pipewire { node: Option<String>, fd: Option<i32> },
+    /// `scanout:N`: no capture; the host encodes scanout N of the VM's GPU on
+    /// every flip and pushes the access units (see [`crate::scanout`]).
+    Scanout(u32),
 }
 
 impl FromStr for Source {
@@ -38,7 +41,8 @@ impl FromStr for Source {
                 }
                 None => Ok(Source::Pipewire { node: Some(a.to_string()), fd: None }),
             },
-            _ => Err(format!("{s:?}: expected test, x11[:DISPLAY], pipewire[:NODE|:fd=N]")),
+            ("scanout", Some(n)) => Ok(Source::Scanout(n.parse().map_err(|_| format!("bad scanout id in {s:?}"))?)),
+            _ => Err(format!("{s:?}: expected test, x11[:DISPLAY], pipewire[:NODE|:fd=N], scanout:N")),
         }
     }
 }
@@ -102,6 +106,7 @@ fn source(cfg: &PipelineConfig) -> Result<Vec<gst::Element>> {
             src.set_property("do-timestamp", true);
             vec![src, make("videoscale")?]
         }
+        Source::Scanout(_) => bail!("--source scanout:N has no capture pipeline (the host pushes encoded frames)"),
     })
 }
 
@@ -301,6 +306,19 @@ pub fn build(cfg: &PipelineConfig, hub: Arc<Hub>) -> Result<gst::Pipeline> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_parse() {
+        let p = |s: &str| s.parse::<Source>();
+        assert_eq!(p("test"), Ok(Source::Test));
+        assert_eq!(p("x11::1"), Ok(Source::X11(Some(":1".into()))));
+        assert_eq!(p("pipewire:fd=7"), Ok(Source::Pipewire { node: None, fd: Some(7) }));
+        assert_eq!(p("scanout:0"), Ok(Source::Scanout(0)));
+        assert_eq!(p("scanout:15"), Ok(Source::Scanout(15)));
+        for bad in ["scanout", "scanout:", "scanout:x", "scanout:-1", "webcam"] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn vsockenc_is_addressed_through_the_properties_helix_s_element_shares() {

@@ -99,7 +99,11 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let (mut last_frames, mut last_bytes, mut last_t) =
         (st.hub.frames.load(Ordering::Relaxed), st.hub.bytes.load(Ordering::Relaxed), Instant::now());
-    if !send_within(&mut tx, Message::Text(st.hello.to_string().into()), st.write_timeout).await {
+    let mut hello = st.hello.clone();
+    if let Some((w, h)) = st.hub.size() {
+        (hello["width"], hello["height"]) = (w.into(), h.into());
+    }
+    if !send_within(&mut tx, Message::Text(hello.to_string().into()), st.write_timeout).await {
         st.hub.unsubscribe(&v);
         return;
     }

@@ -11,7 +11,8 @@ use hxfr_bridge::{Bridge, BridgeConfig, Source};
 
 #[derive(clap::Args)]
 pub struct BridgeArgs {
-    /// test, x11[:DISPLAY], pipewire[:NODE|:fd=N]
+    /// test, x11[:DISPLAY], pipewire[:NODE|:fd=N], or scanout:N (the host, as the VM's
+    /// GPU, encodes scanout N on every flip and pushes it; --host-encoder is where).
     #[arg(long, default_value = "test")]
     source: Source,
     /// Frame size, WIDTHxHEIGHT.
@@ -22,9 +23,12 @@ pub struct BridgeArgs {
     /// auto (by GPU vendor) or an encoder element (vsockenc, nvh264enc, vah264enc, x264enc, …).
     #[arg(long, default_value = "auto")]
     encoder: String,
-    /// Where vsockenc finds the host encoder.
+    /// Where vsockenc finds the host encoder (with --source scanout:N, where the bridge subscribes).
     #[arg(long, default_value = "tcp:10.0.2.2:15937")]
     host_encoder: String,
+    /// With --source scanout:N: ask the host to enable (hot-plug) the scanout at --size first.
+    #[arg(long)]
+    enable_scanout: bool,
     /// Bits per second.
     #[arg(long, default_value_t = hxfr_proto::defaults::BITRATE)]
     bitrate: u32,
@@ -63,6 +67,7 @@ pub fn bridge(a: BridgeArgs) -> Result<()> {
             fps: a.fps,
             encoder: a.encoder,
             host_encoder: a.host_encoder,
+            enable_scanout: a.enable_scanout,
             bitrate: a.bitrate,
             listen: a.listen,
             token: a.token,
