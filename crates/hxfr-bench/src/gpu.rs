@@ -295,3 +295,50 @@ mod tests {
         assert!(src.picture(0).is_err());
     }
 }
+
+/// What the host's read of one resource costs alone, against a memcpy of
+/// the frame: `cargo nextest run --release -p hxfr-bench --run-ignored
+/// ignored-only --no-capture gather_cost` (a measurement, not a check).
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    #[test]
+    #[ignore = "a measurement: run by hand, in release"]
+    fn gather_cost() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        for (w, h) in [(1280u32, 720u32), (1920, 1080), (3840, 2160)] {
+            let bytes = (w * h * 4) as usize;
+            let mut ram = GuestRam::new(dir.path(), 2, bytes).unwrap();
+            let r = ram.resolver();
+            let px = vec![7u8; bytes];
+            for b in [Backing::Scattered, Backing::Contiguous] {
+                let s = ram.create(w, h, 1, b).unwrap();
+                ram.draw(&s, 0, &px).unwrap();
+                let mut t = Vec::new();
+                for _ in 0..40 {
+                    let t0 = std::time::Instant::now();
+                    let d = r.resolve(s.ids[0]).unwrap();
+                    std::hint::black_box(d.data[bytes - 1]);
+                    t.push(t0.elapsed().as_secs_f64() * 1e3);
+                    drop(d);
+                }
+                t.sort_by(f64::total_cmp);
+                let mut dst = vec![0u8; bytes];
+                let mut m = Vec::new();
+                for _ in 0..40 {
+                    let t0 = std::time::Instant::now();
+                    dst.copy_from_slice(&px);
+                    std::hint::black_box(dst[bytes - 1]);
+                    m.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                m.sort_by(f64::total_cmp);
+                println!(
+                    "{w}x{h} {b:?}: resolve min {:.3} p50 {:.3} ms; memcpy min {:.3} p50 {:.3} ms",
+                    t[0], t[20], m[0], m[20]
+                );
+                ram.free(&s);
+            }
+        }
+    }
+}
