@@ -1,6 +1,6 @@
 //! A profiling harness for the inline receive path: one path, no pacing.
 //!
-//! `inline_recv <in-process|unix|tcp|shm|vsockenc> WxH FRAMES` prints host and guest
+//! `inline_recv <in-process|unix|tcp|shm|vsockenc|resource|resource-contiguous> WxH FRAMES` prints host and guest
 //! CPU per frame and minor page faults per frame. Under
 //! `valgrind --tool=callgrind`, the instructions of `unix` minus those of
 //! `in-process` (same frames, same encoder) are what the socket path costs.
@@ -11,7 +11,7 @@ use hxfr_bench::PathKind;
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [path, size, frames] = &args[..] else {
-        bail!("usage: inline_recv <in-process|unix|tcp|shm|vsockenc> WxH FRAMES");
+        bail!("usage: inline_recv <in-process|unix|tcp|shm|vsockenc|resource|resource-contiguous> WxH FRAMES");
     };
     let path = match path.as_str() {
         "in-process" => PathKind::InProcess,
@@ -19,6 +19,8 @@ fn main() -> Result<()> {
         "tcp" => PathKind::InlineTcp,
         "shm" => PathKind::SharedMemory,
         "vsockenc" => PathKind::Vsockenc,
+        "resource" => PathKind::Resource,
+        "resource-contiguous" => PathKind::ResourceContiguous,
         p => bail!("unknown path {p}"),
     };
     let (w, h) = size.split_once('x').context("size is WxH")?;

@@ -12,7 +12,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     pub repeat: Option<usize>,
     /// Paths to run besides in-process, which always runs (default: all):
-    /// inline-unix, inline-tcp, shm, socat, guest-x264enc, vsockenc.
+    /// inline-unix, inline-tcp, shm, socat, guest-x264enc, vsockenc,
+    /// resource (by virtio-gpu resource id, scattered backing),
+    /// resource-contiguous, scanout-push (a section of its own: flip-to-AU
+    /// latency, host CPU per frame and idle).
     #[arg(long, value_delimiter = ',', value_name = "PATHS")]
     pub paths: Vec<String>,
     /// Inputs to run (default: all; --quick: bgrx-motion): bgrx-desktop,

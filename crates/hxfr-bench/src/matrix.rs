@@ -10,8 +10,8 @@ use hxfr_proto::{PixelFormat, Size};
 use hxfr_testkit::Content;
 
 use crate::cli::BenchArgs;
-use crate::paths::{Env, Input, PACE, run_path, through_host};
-use crate::report::{Cell, Floor, PathKind, Report, ScaleRow, Spreads, print_markdown};
+use crate::paths::{Env, Input, PACE, Via, run_path, through_host};
+use crate::report::{Cell, Floor, PathKind, PushIdle, PushRow, Report, ScaleRow, Spreads, print_markdown};
 use crate::{plot, sys, targets};
 
 fn sizes(a: &BenchArgs) -> Result<Vec<(u32, u32)>> {
@@ -42,8 +42,13 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, {mem:.0} GiB")
 }
 
-/// The paths `--paths` names (in-process always runs: every ratio needs it).
-fn paths(a: &BenchArgs) -> Result<Vec<PathKind>> {
+const PATH_NAMES: &str =
+    "inline-unix, inline-tcp, shm, socat, guest-x264enc, vsockenc, resource, resource-contiguous, scanout-push";
+
+/// The paths `--paths` names (in-process always runs: every ratio needs it),
+/// and whether scanout push runs (a section of its own, not a path of the
+/// matrix: its frames come from flips, not requests).
+fn paths(a: &BenchArgs) -> Result<(Vec<PathKind>, bool)> {
     let all = [
         PathKind::InlineUnix,
         PathKind::InlineTcp,
@@ -51,28 +56,42 @@ fn paths(a: &BenchArgs) -> Result<Vec<PathKind>> {
         PathKind::SocatHop,
         PathKind::GuestLocal,
         PathKind::Vsockenc,
+        PathKind::Resource,
+        PathKind::ResourceContiguous,
     ];
     let mut out = vec![PathKind::InProcess];
     if a.paths.is_empty() {
         out.extend(all);
-        return Ok(out);
+        return Ok((out, true));
     }
+    let mut push = false;
     for name in &a.paths {
         let p = match name.as_str() {
             "in-process" => continue,
+            "scanout-push" | "push" => {
+                push = true;
+                continue;
+            }
+            "resource" | "vhost-user-gpu" => PathKind::Resource,
+            "resource-contiguous" => PathKind::ResourceContiguous,
             "inline-unix" | "unix" => PathKind::InlineUnix,
             "inline-tcp" | "tcp" => PathKind::InlineTcp,
             "shm" | "shared-memory" => PathKind::SharedMemory,
             "socat" | "socat-hop" => PathKind::SocatHop,
             "guest-x264enc" | "guest" => PathKind::GuestLocal,
             "vsockenc" => PathKind::Vsockenc,
-            other => bail!("unknown path {other:?} (inline-unix, inline-tcp, shm, socat, guest-x264enc, vsockenc)"),
+            other => bail!("unknown path {other:?} ({PATH_NAMES})"),
         };
         if !out.contains(&p) {
             out.push(p);
         }
     }
-    Ok(out)
+    Ok((out, push))
+}
+
+/// Whether `path` takes `format`: a virtio-gpu 2D resource holds BGRx only.
+fn takes(path: PathKind, format: PixelFormat) -> bool {
+    !matches!(path, PathKind::Resource | PathKind::ResourceContiguous) || format == PixelFormat::Bgrx
 }
 
 /// The inputs `--inputs` names, as (format, content).
@@ -113,6 +132,7 @@ struct Rep {
     p99_ms: f64,
     base_p50_ms: f64,
     peak_rss: u64,
+    request_bytes: Option<u64>,
 }
 
 /// A cell from its repetitions: medians, spreads, paired ratios.
@@ -148,6 +168,7 @@ fn cell(w: u32, h: u32, input: &Input, path: PathKind, reps: &[Rep]) -> Cell {
         guest_cpu_ms_per_frame: Figure::of(&col(|r| r.guest_cpu_ms)).median,
         bytes_copied_per_frame: path.copies() * input.bytes() as u64,
         peak_rss_mb: reps.iter().map(|r| r.peak_rss).max().unwrap_or(0) as f64 / 1e6,
+        request_bytes: reps.iter().find_map(|r| r.request_bytes),
         spreads: Some(spreads),
     }
 }
@@ -172,7 +193,7 @@ pub fn run(a: BenchArgs) -> Result<Report> {
     }
     let sizes = sizes(&a)?;
     let inputs = inputs(&a)?;
-    let mut paths = paths(&a)?;
+    let (mut paths, push) = paths(&a)?;
     let mut env = Env::start(a.in_flight)?;
     let mut skipped = Vec::new();
     if env.socat.is_none() && paths.contains(&PathKind::SocatHop) {
@@ -187,8 +208,13 @@ pub fn run(a: BenchArgs) -> Result<Report> {
 
     // Per repetition: one paced in-process run, then for each path an
     // in-process throughput run, the path's, and the path's paced run.
-    let runs_per_rep = 1 + paths.len() + 2 * (paths.len() - 1);
-    let total = (sizes.len() * inputs.len() * repeat * runs_per_rep) as u64;
+    let runs_per_rep = |f: PixelFormat| {
+        let n = paths.iter().filter(|p| takes(**p, f)).count();
+        1 + n + 2 * (n - 1)
+    };
+    let bgrx = inputs.iter().filter(|(f, _)| *f == PixelFormat::Bgrx).count();
+    let total = (sizes.len() * repeat * inputs.iter().map(|(f, _)| runs_per_rep(*f)).sum::<usize>()
+        + if push { sizes.len() * bgrx * repeat * 2 } else { 0 }) as u64;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} {msg}")
@@ -223,6 +249,9 @@ pub fn run(a: BenchArgs) -> Result<Report> {
                     run_path(&mut env, PathKind::InProcess, &input, paced_frames, a.in_flight, Some(PACE))?;
                 bar.inc(1);
                 for (k, &path) in paths.iter().enumerate() {
+                    if !takes(path, format) {
+                        continue;
+                    }
                     bar.set_message(what(path));
                     if path == PathKind::InProcess {
                         sys::reset_peak_rss();
@@ -257,18 +286,27 @@ pub fn run(a: BenchArgs) -> Result<Report> {
                         p99_ms: l.rtt_ms[1],
                         base_p50_ms: base_paced.rtt_ms[0],
                         peak_rss: sys::peak_rss(),
+                        request_bytes: t.request_bytes,
                     });
                 }
             }
             for (k, &path) in paths.iter().enumerate() {
-                cells.push(cell(w, h, &input, path, &reps[k]));
+                if !reps[k].is_empty() {
+                    cells.push(cell(w, h, &input, path, &reps[k]));
+                }
             }
         }
     }
+    let (push, push_idle) = if push {
+        push_section(&mut env, &sizes, &inputs, repeat, paced_frames, a.quick, &bar)?
+    } else {
+        (Vec::new(), None)
+    };
     bar.finish_and_clear();
     let scale = scale(&env, if a.quick { &[1, 2] } else { &[1, 2, 4, 8] }, &cells, a.quick)?;
     let targets = targets::targets(&cells, &floors);
-    let report = Report { machine, in_flight: a.in_flight, repeat, cells, floors, scale, targets, skipped };
+    let report =
+        Report { machine, in_flight: a.in_flight, repeat, cells, floors, scale, targets, skipped, push, push_idle };
     print_markdown(&report, &mut std::io::stdout())?;
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
@@ -295,7 +333,7 @@ fn scale(env: &Env, counts: &[usize], cells: &[Cell], quick: bool) -> Result<Vec
             .map(|_| {
                 let input = input.clone();
                 let addr = HostAddr::Unix(env.unix.clone());
-                std::thread::spawn(move || through_host(&addr, &input, frames, 2, Some(PACE), None))
+                std::thread::spawn(move || through_host(&addr, &input, frames, 2, Some(PACE), Via::Inline))
             })
             .collect();
         let mut fps = Vec::new();
@@ -317,4 +355,110 @@ fn scale(env: &Env, counts: &[usize], cells: &[Cell], quick: bool) -> Result<Vec
         }
     }
     Ok(rows)
+}
+
+/// Scanout push at every size and BGRx input of the run, each repetition
+/// paired with a paced in-process run of the same frames; then, once, the
+/// host's CPU with a subscriber and no flips (10 s; --quick: 1 s).
+#[cfg(target_os = "linux")]
+fn push_section(
+    env: &mut Env,
+    sizes: &[(u32, u32)],
+    inputs: &[(PixelFormat, Content)],
+    repeat: usize,
+    frames: u32,
+    quick: bool,
+    bar: &indicatif::ProgressBar,
+) -> Result<(Vec<PushRow>, Option<PushIdle>)> {
+    use crate::repeat::{Figure, paired_differences};
+    let inputs: Vec<_> = inputs.iter().filter(|(f, _)| *f == PixelFormat::Bgrx).collect();
+    let idle_for = std::time::Duration::from_secs(if quick { 1 } else { 10 });
+    let (mut rows, mut idle) = (Vec::new(), None);
+    for (n, &(w, h)) in sizes.iter().enumerate() {
+        for (m, &&(format, content)) in inputs.iter().enumerate() {
+            let input = Input::new(format, content, w, h);
+            let (mut p50, mut p99, mut base_p50, mut host, mut base_host) = (vec![], vec![], vec![], vec![], vec![]);
+            for rep in 0..repeat {
+                bar.set_message(format!("{w}x{h} {content:?} scanout push ({}/{repeat})", rep + 1));
+                let base = run_path(env, PathKind::InProcess, &input, frames, 2, Some(PACE))?;
+                bar.inc(1);
+                let last = n + 1 == sizes.len() && m + 1 == inputs.len() && rep + 1 == repeat;
+                let r = crate::paths::push(env, &input, frames, last.then_some(idle_for))
+                    .with_context(|| format!("scanout push at {w}x{h}"))?;
+                bar.inc(1);
+                let per_frame = |ns: u64, n: u32| ns as f64 / 1e6 / n as f64;
+                p50.push(r.rtt_ms[0]);
+                p99.push(r.rtt_ms[1]);
+                base_p50.push(base.rtt_ms[0]);
+                host.push(per_frame(r.cpu.host_ns, r.frames));
+                base_host.push(per_frame(base.cpu.host_ns, base.frames));
+                if let Some((secs, ns, got)) = r.idle {
+                    idle = Some(PushIdle { width: w, height: h, secs, host_cpu_ms: ns as f64 / 1e6, frames: got });
+                }
+            }
+            rows.push(PushRow {
+                width: w,
+                height: h,
+                content: if content == Content::Desktop { "desktop" } else { "motion" }.into(),
+                frames,
+                p50_ms: Figure::of(&p50),
+                p99_ms: Figure::of(&p99),
+                added_p50_ms: Figure::of(&paired_differences(&p50, &base_p50)),
+                host_cpu_ms_per_frame: Figure::of(&host),
+                in_process_host_cpu_ms_per_frame: Figure::of(&base_host),
+            });
+        }
+    }
+    Ok((rows, idle))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn push_section(
+    _env: &mut Env,
+    _sizes: &[(u32, u32)],
+    _inputs: &[(PixelFormat, Content)],
+    _repeat: usize,
+    _frames: u32,
+    _quick: bool,
+    _bar: &indicatif::ProgressBar,
+) -> Result<(Vec<PushRow>, Option<PushIdle>)> {
+    bail!("scanout push needs Linux (the host's virtio-gpu device)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: BenchArgs,
+    }
+
+    fn args(v: &[&str]) -> BenchArgs {
+        Cli::parse_from(std::iter::once("bench").chain(v.iter().copied())).a
+    }
+
+    #[test]
+    fn resource_and_push_are_named_paths_and_run_by_default() {
+        let (p, push) = paths(&args(&["--paths", "resource,scanout-push"])).unwrap();
+        assert_eq!(p, vec![PathKind::InProcess, PathKind::Resource]);
+        assert!(push);
+        let (p, push) = paths(&args(&["--paths", "resource-contiguous,inline-unix"])).unwrap();
+        assert_eq!(p, vec![PathKind::InProcess, PathKind::ResourceContiguous, PathKind::InlineUnix]);
+        assert!(!push);
+        let (p, push) = paths(&args(&[])).unwrap();
+        assert!(p.contains(&PathKind::Resource) && p.contains(&PathKind::ResourceContiguous) && push);
+        let e = paths(&args(&["--paths", "gpu"])).unwrap_err().to_string();
+        assert!(e.contains("resource") && e.contains("scanout-push"), "{e}");
+    }
+
+    #[test]
+    fn resources_take_bgrx_only() {
+        assert!(takes(PathKind::Resource, PixelFormat::Bgrx));
+        assert!(!takes(PathKind::Resource, PixelFormat::Nv12));
+        assert!(!takes(PathKind::ResourceContiguous, PixelFormat::Nv12));
+        assert!(takes(PathKind::InlineUnix, PixelFormat::Nv12));
+    }
 }

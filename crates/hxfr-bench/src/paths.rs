@@ -65,6 +65,8 @@ pub(crate) struct Run {
     /// Round trip p50 and p99.
     pub rtt_ms: [f64; 2],
     pub cpu: CpuSplit,
+    /// Bytes of one frame request on the host's socket, where counted.
+    pub request_bytes: Option<u64>,
 }
 
 /// p50 and p99 of a run's round trips.
@@ -81,6 +83,12 @@ pub(crate) struct Env {
     shm: memmap2::MmapMut,
     area: usize,
     pub socat: Option<(Child, HostAddr)>,
+    /// The guest's RAM and GPU resources, behind the host's resolver.
+    #[cfg(target_os = "linux")]
+    pub ram: crate::gpu::GuestRam,
+    /// The guest's scanout 0, behind the host's push engine.
+    #[cfg(target_os = "linux")]
+    pub flips: Arc<crate::gpu::FlipSource>,
 }
 
 const MAX_BYTES: usize = 3840 * 2160 * 4;
@@ -97,11 +105,23 @@ impl Env {
         // SAFETY: our own file, sized above, mapped while it exists.
         let shm = unsafe { memmap2::MmapMut::map_mut(&f)? };
         let unix = dir.path().join("host.sock");
+        // The host is the guest's GPU: frames by resource id and scanout push.
+        #[cfg(target_os = "linux")]
+        let (ram, flips) = crate::gpu::start(dir.path(), in_flight.max(2), MAX_BYTES)?;
+        #[cfg(target_os = "linux")]
+        let (resolver, scanouts) = (
+            Some(Arc::new(ram.resolver()) as Arc<dyn hxfr_host::ResourceResolver>),
+            Some(flips.clone() as Arc<dyn hxfr_host::ScanoutSource>),
+        );
+        #[cfg(not(target_os = "linux"))]
+        let (resolver, scanouts) = (None, None);
         let host = hxfr_host::spawn(
             HostConfig {
                 encoder: EncoderKind::X264,
                 shm_path: Some(shm_path),
                 limits: hxfr_host::Limits { max_in_flight: in_flight.max(4), ..Default::default() },
+                resolver,
+                scanouts,
                 ..Default::default()
             },
             vec![ListenAddr::Unix(unix.clone()), "tcp:127.0.0.1:0".parse().map_err(anyhow::Error::msg)?],
@@ -112,7 +132,19 @@ impl Env {
             _ => unreachable!("second listener is TCP"),
         };
         let socat = start_socat(&unix);
-        Ok(Env { _host: host, _dir: dir, unix, tcp, shm, area, socat })
+        Ok(Env {
+            _host: host,
+            _dir: dir,
+            unix,
+            tcp,
+            shm,
+            area,
+            socat,
+            #[cfg(target_os = "linux")]
+            ram,
+            #[cfg(target_os = "linux")]
+            flips,
+        })
     }
 }
 
@@ -169,10 +201,11 @@ fn in_process(input: &Input, frames: u32, pace: Option<Duration>) -> Result<Run>
         secs,
         rtt_ms: quantiles(&mut rtt),
         cpu: CpuSplit { host_ns: cpu.guest_ns + cpu.host_ns, guest_ns: 0 },
+        request_bytes: None,
     })
 }
 
-fn sleep_until(t: Instant) {
+pub(crate) fn sleep_until(t: Instant) {
     if let Some(d) = t.checked_duration_since(Instant::now()) {
         std::thread::sleep(d);
     }
@@ -202,22 +235,66 @@ impl Handler<u32> for Answers {
     }
 }
 
+/// How a frame reaches the host.
+pub(crate) enum Via<'a> {
+    /// Its pixels in the request.
+    Inline,
+    /// Copied into an area of the shared region (`area_bytes` each), named by offset.
+    Shm(&'a mut memmap2::MmapMut, usize),
+    /// Drawn into a GPU resource's backing in guest RAM, named by resource id.
+    #[cfg(target_os = "linux")]
+    Resource(&'a mut crate::gpu::GuestRam, crate::gpu::Backing),
+}
+
 /// Streams frames through the host as vsockenc does, with the same client:
-/// at most `in_flight` outstanding, optionally paced.
+/// at most `in_flight` outstanding, optionally paced. With areas (shared
+/// memory, resources) a frame goes into an area whose last frame was
+/// answered: the guest never draws into a buffer the host may still read.
 pub(crate) fn through_host(
     addr: &HostAddr,
     input: &Input,
     frames: u32,
     in_flight: usize,
     pace: Option<Duration>,
-    mut shm: Option<(&mut memmap2::MmapMut, usize)>,
+    mut via: Via<'_>,
+) -> Result<Run> {
+    #[cfg(target_os = "linux")]
+    let slots = match &mut via {
+        Via::Resource(ram, backing) => {
+            if input.format != PixelFormat::Bgrx {
+                bail!("a virtio-gpu 2D resource holds BGRx, not {:?}", input.format);
+            }
+            Some(ram.create(input.w, input.h, in_flight, *backing)?)
+        }
+        _ => None,
+    };
+    #[cfg(target_os = "linux")]
+    let run = stream(addr, input, frames, in_flight, pace, &mut via, slots.as_ref());
+    #[cfg(target_os = "linux")]
+    if let (Via::Resource(ram, _), Some(s)) = (&mut via, &slots) {
+        ram.free(s);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let run = stream(addr, input, frames, in_flight, pace, &mut via);
+    run
+}
+
+fn stream(
+    addr: &HostAddr,
+    input: &Input,
+    frames: u32,
+    in_flight: usize,
+    pace: Option<Duration>,
+    via: &mut Via<'_>,
+    #[cfg(target_os = "linux")] slots: Option<&crate::gpu::Slots>,
 ) -> Result<Run> {
     let answers = Arc::new(Answers::default());
     let config = client::Config { max_in_flight: in_flight, ..client::Config::new(addr.clone()) };
     let mut client = Client::connect(config, answers.clone())?;
-    if shm.is_some() {
+    if !matches!(via, Via::Inline) {
         client.set_areas(in_flight);
     }
+    let mut request_bytes = None;
     let wait = Duration::from_secs(30);
     let layout = input.layout();
     let mark = CpuMark::now();
@@ -228,20 +305,33 @@ pub(crate) fn through_host(
             sleep_until(start + p * i);
         }
         let pixels = input.frame(i);
-        let (msg, area) = match &mut shm {
-            None => {
+        let (msg, area) = match via {
+            Via::Inline => {
                 let req = FrameRequest::inline(input.format, input.w, input.h, input.stride as u32, pixels.clone());
                 (Message::FrameRequest(req.timed(i as i64, PACE.as_nanos() as i64).keyframe(i == 0)), None)
             }
-            Some((region, area_bytes)) => {
+            Via::Shm(region, area_bytes) => {
                 let area = client.take_area().context("no free shared-memory area")?;
                 let off = area * *area_bytes;
                 region[off..off + pixels.len()].copy_from_slice(pixels); // the one copy
                 let req = ShmFrameRequest::new(&layout, off as u64).timed(i as i64, PACE.as_nanos() as i64);
                 (Message::ShmFrameRequest(req.keyframe(i == 0)), Some(area))
             }
+            #[cfg(target_os = "linux")]
+            Via::Resource(ram, _) => {
+                let slots = slots.context("no resources")?;
+                let area = client.take_area().context("no free resource")?;
+                // The guest draws the frame into its buffer (guest CPU).
+                ram.draw(slots, area, pixels)?;
+                let req = FrameRequest::resource(slots.ids[area], input.format, input.w, input.h, input.stride as u32);
+                (Message::FrameRequest(req.timed(i as i64, PACE.as_nanos() as i64).keyframe(i == 0)), Some(area))
+            }
         };
-        client.send(i, area, &Packet::new(1, msg)).map_err(|e| anyhow::anyhow!("frame {i}: {e}"))?;
+        let packet = Packet::new(1, msg);
+        if i == 0 {
+            request_bytes = Some(packet.encoded_len() as u64);
+        }
+        client.send(i, area, &packet).map_err(|e| anyhow::anyhow!("frame {i}: {e}"))?;
     }
     client.wait_below(1, wait).map_err(|e| anyhow::anyhow!("draining: {e}"))?;
     // Read the CPU while the host's session threads still live.
@@ -253,7 +343,7 @@ pub(crate) fn through_host(
     if rtt.len() != frames as usize {
         bail!("{} of {frames} frames answered", rtt.len());
     }
-    Ok(Run { frames, secs, rtt_ms: quantiles(&mut rtt), cpu })
+    Ok(Run { frames, secs, rtt_ms: quantiles(&mut rtt), cpu, request_bytes })
 }
 
 /// `appsrc ! videoconvert ! x264enc ! appsink` in this process: what a guest
@@ -298,6 +388,7 @@ fn guest_local(input: &Input, frames: u32, pace: Option<Duration>) -> Result<Run
         secs,
         rtt_ms: quantiles(&mut rtt),
         cpu: CpuSplit { host_ns: 0, guest_ns: cpu.guest_ns + cpu.host_ns },
+        request_bytes: None,
     })
 }
 
@@ -381,7 +472,7 @@ fn element(sock: &Path, input: &Input, frames: u32, in_flight: usize, pace: Opti
     }
     // The element keeps its own round-trip window; its percentiles are the figures.
     let rtt_ms = [stats.get::<f64>("rtt-p50-ms")?, stats.get::<f64>("rtt-p99-ms")?];
-    Ok(Run { frames, secs, rtt_ms, cpu })
+    Ok(Run { frames, secs, rtt_ms, cpu, request_bytes: None })
 }
 
 pub(crate) fn run_path(
@@ -394,17 +485,31 @@ pub(crate) fn run_path(
 ) -> Result<Run> {
     match path {
         PathKind::InProcess => in_process(input, frames, pace),
-        PathKind::InlineUnix => through_host(&HostAddr::Unix(env.unix.clone()), input, frames, in_flight, pace, None),
-        PathKind::InlineTcp => through_host(&env.tcp.clone(), input, frames, in_flight, pace, None),
+        PathKind::InlineUnix => {
+            through_host(&HostAddr::Unix(env.unix.clone()), input, frames, in_flight, pace, Via::Inline)
+        }
+        PathKind::InlineTcp => through_host(&env.tcp.clone(), input, frames, in_flight, pace, Via::Inline),
         PathKind::SharedMemory => {
             let area = env.area;
             let addr = HostAddr::Unix(env.unix.clone());
-            through_host(&addr, input, frames, in_flight, pace, Some((&mut env.shm, area)))
+            through_host(&addr, input, frames, in_flight, pace, Via::Shm(&mut env.shm, area))
         }
         PathKind::SocatHop => {
             let addr = env.socat.as_ref().map(|(_, a)| a.clone()).context("socat is not running")?;
-            through_host(&addr, input, frames, in_flight, pace, None)
+            through_host(&addr, input, frames, in_flight, pace, Via::Inline)
         }
+        #[cfg(target_os = "linux")]
+        PathKind::Resource | PathKind::ResourceContiguous => {
+            let backing = if path == PathKind::Resource {
+                crate::gpu::Backing::Scattered
+            } else {
+                crate::gpu::Backing::Contiguous
+            };
+            let addr = HostAddr::Unix(env.unix.clone());
+            through_host(&addr, input, frames, in_flight, pace, Via::Resource(&mut env.ram, backing))
+        }
+        #[cfg(not(target_os = "linux"))]
+        PathKind::Resource | PathKind::ResourceContiguous => bail!("the resource path needs Linux (vhost-user-gpu)"),
         PathKind::GuestLocal => guest_local(input, frames, pace),
         PathKind::Vsockenc => element(&env.unix.clone(), input, frames, in_flight, pace),
     }
@@ -441,4 +546,87 @@ pub fn profile(path: PathKind, w: u32, h: u32, frames: u32, in_flight: usize) ->
         minor_faults_per_frame: faults as f64 / frames as f64,
         threads,
     })
+}
+
+/// What one scanout-push run measured.
+#[cfg(target_os = "linux")]
+pub(crate) struct PushRun {
+    /// Flips measured (after a first frame that opens the encoder).
+    pub frames: u32,
+    /// Flip → access unit at the subscriber, p50 and p99.
+    pub rtt_ms: [f64; 2],
+    pub cpu: CpuSplit,
+    /// With `idle`: seconds without flips, host CPU ns meanwhile, frames pushed meanwhile.
+    pub idle: Option<(f64, u64, u32)>,
+}
+
+/// Scanout push: the guest double-buffers two resources (scattered backing)
+/// and flips scanout 0 between them `frames` times at 30 fps, drawing into
+/// the back buffer first; a subscriber that keeps Helix's rules takes every
+/// access unit over UNIX. The latency runs from the flip (its
+/// CLOCK_MONOTONIC time, which the access unit carries as its pts) to the
+/// subscriber having read the whole access unit. With `idle`, the
+/// subscriber then stays subscribed with no flips for that long.
+#[cfg(target_os = "linux")]
+pub(crate) fn push(env: &mut Env, input: &Input, frames: u32, idle: Option<Duration>) -> Result<PushRun> {
+    if input.format != PixelFormat::Bgrx {
+        bail!("a scanout shows a BGRx resource, not {:?}", input.format);
+    }
+    let slots = env.ram.create(input.w, input.h, 2, crate::gpu::Backing::Scattered)?;
+    let run = push_on(env, &slots, input, frames, idle);
+    env.flips.blank();
+    env.ram.free(&slots);
+    run
+}
+
+#[cfg(target_os = "linux")]
+fn push_on(
+    env: &mut Env,
+    slots: &crate::gpu::Slots,
+    input: &Input,
+    frames: u32,
+    idle: Option<Duration>,
+) -> Result<PushRun> {
+    use hxfr_testkit::subscriber::{Subscriber, helix_config};
+    let wait = Duration::from_secs(10);
+    let e = anyhow::Error::msg;
+    env.ram.draw(slots, 0, input.frame(0))?;
+    env.flips.flip(slots.ids[0]);
+    let mut sub = Subscriber::subscribe(&env.unix, 0, helix_config(input.w, input.h, 4_000_000))
+        .map_err(e)?
+        .context("SUBSCRIBE answered success = 0")?;
+    // First an IDR of the picture shown at SUBSCRIBE, which opens the encoder: not measured.
+    sub.frame(wait).map_err(e)?.context("no first frame after SUBSCRIBE")?;
+    let mut rtt = Vec::with_capacity(frames as usize);
+    let mark = CpuMark::now();
+    let start = Instant::now();
+    for i in 1..=frames {
+        let slot = i as usize % 2;
+        // The back buffer's last frame was answered: the guest draws the next one.
+        env.ram.draw(slots, slot, input.frame(i))?;
+        sleep_until(start + PACE * i);
+        let flip = env.flips.flip(slots.ids[slot]);
+        let f = sub.frame(wait).map_err(e)?.with_context(|| format!("flip {i}: no frame within {wait:?}"))?;
+        let now = hxfr_host::monotonic_ns();
+        if f.pts != flip.at_ns as i64 {
+            bail!("flip {i}: the frame's pts {} is not the flip's time {}", f.pts, flip.at_ns);
+        }
+        rtt.push(now.saturating_sub(flip.at_ns) as f64 / 1e6);
+    }
+    let cpu = mark.since();
+    let idle = match idle {
+        None => None,
+        Some(d) => {
+            let (mark, t) = (CpuMark::now(), Instant::now());
+            let mut got = 0;
+            while let Some(left) = d.checked_sub(t.elapsed()) {
+                match sub.frame(left).map_err(e)? {
+                    Some(_) => got += 1,
+                    None => break,
+                }
+            }
+            Some((t.elapsed().as_secs_f64(), mark.since().host_ns, got))
+        }
+    };
+    Ok(PushRun { frames, rtt_ms: quantiles(&mut rtt), cpu, idle })
 }

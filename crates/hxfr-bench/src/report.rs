@@ -15,6 +15,12 @@ pub enum PathKind {
     GuestLocal,
     /// The real vsockenc element (`appsrc ! vsockenc ! fakesink`), inline over UNIX.
     Vsockenc,
+    /// FRAME_REQUEST by virtio-gpu resource id (`hxfr host --vhost-user-gpu`),
+    /// the resource's backing scattered 4 KiB pages as a Linux guest's dumb
+    /// buffers: the host gathers them into one buffer.
+    Resource,
+    /// The same with the backing one contiguous extent: read in place.
+    ResourceContiguous,
 }
 
 impl PathKind {
@@ -27,17 +33,21 @@ impl PathKind {
             PathKind::SocatHop => "socat hop",
             PathKind::GuestLocal => "guest x264enc",
             PathKind::Vsockenc => "vsockenc element",
+            PathKind::Resource => "resource (vhost-user-gpu)",
+            PathKind::ResourceContiguous => "resource, contiguous backing",
         }
     }
 
     /// Bytes of the frame copied per frame by construction of the path:
     /// a socket costs one copy in and one out of the kernel; shared memory
-    /// one memcpy; the socat hop crosses two sockets.
+    /// one memcpy; the socat hop crosses two sockets; a resource with
+    /// scattered backing one gather on the host, a contiguous one none (the
+    /// guest drawing into its buffer is not a copy).
     pub fn copies(self) -> u64 {
         match self {
-            PathKind::InProcess | PathKind::GuestLocal => 0,
+            PathKind::InProcess | PathKind::GuestLocal | PathKind::ResourceContiguous => 0,
             PathKind::InlineUnix | PathKind::InlineTcp | PathKind::Vsockenc => 2,
-            PathKind::SharedMemory => 1,
+            PathKind::SharedMemory | PathKind::Resource => 1,
             PathKind::SocatHop => 4,
         }
     }
@@ -84,6 +94,10 @@ pub struct Cell {
     pub guest_cpu_ms_per_frame: f64,
     pub bytes_copied_per_frame: u64,
     pub peak_rss_mb: f64,
+    /// Bytes written to the host's socket per frame request (`None`: no
+    /// socket, or not counted).
+    #[serde(default)]
+    pub request_bytes: Option<u64>,
     /// Absent in runs saved before the benchmark repeated its cells.
     #[serde(default)]
     pub spreads: Option<Spreads>,
@@ -137,6 +151,36 @@ fn one() -> usize {
     1
 }
 
+/// Scanout push at one size: the guest flips at 30 fps and a subscriber
+/// takes the access units; each figure the median of the repetitions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushRow {
+    pub width: u32,
+    pub height: u32,
+    pub content: String,
+    /// Flips per repetition.
+    pub frames: u32,
+    /// Flip (its CLOCK_MONOTONIC time, the AU's pts) → access unit read by the subscriber.
+    pub p50_ms: Figure,
+    pub p99_ms: Figure,
+    /// p50 minus in-process's paced p50 in the same repetition.
+    pub added_p50_ms: Figure,
+    pub host_cpu_ms_per_frame: Figure,
+    /// In-process's (paced, same frames) host CPU per frame, same repetitions.
+    pub in_process_host_cpu_ms_per_frame: Figure,
+}
+
+/// Scanout push with a subscriber and no flips.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushIdle {
+    pub width: u32,
+    pub height: u32,
+    pub secs: f64,
+    pub host_cpu_ms: f64,
+    /// Frames the subscriber got meanwhile (should be 0).
+    pub frames: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: String,
@@ -149,6 +193,10 @@ pub struct Report {
     pub scale: Vec<ScaleRow>,
     pub targets: Vec<Target>,
     pub skipped: Vec<String>,
+    #[serde(default)]
+    pub push: Vec<PushRow>,
+    #[serde(default)]
+    pub push_idle: Option<PushIdle>,
 }
 
 pub fn print_markdown(r: &Report, out: &mut dyn std::io::Write) -> Result<()> {
@@ -163,9 +211,9 @@ pub fn print_markdown(r: &Report, out: &mut dyn std::io::Write) -> Result<()> {
     }
     writeln!(
         out,
-        "| size | input | content | path | fps | × in-process | p50 ms @30fps | p99 ms | host CPU ms/frame | guest CPU ms/frame | copied MB/frame | peak RSS MB |"
+        "| size | input | content | path | fps | × in-process | p50 ms @30fps | p99 ms | host CPU ms/frame | guest CPU ms/frame | copied MB/frame | socket bytes/request | peak RSS MB |"
     )?;
-    writeln!(out, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for c in &r.cells {
         let (fps, ratio, p50, host) = match &c.spreads {
             Some(s) => (s.fps.show(1), s.ratio.show(2), s.p50_ms.show(2), s.host_cpu_ms_per_frame.show(2)),
@@ -178,7 +226,7 @@ pub fn print_markdown(r: &Report, out: &mut dyn std::io::Write) -> Result<()> {
         };
         writeln!(
             out,
-            "| {}x{} | {} | {} | {} | {fps} | {ratio}× | {p50} | {:.2} | {host} | {:.2} | {:.1} | {:.0} |",
+            "| {}x{} | {} | {} | {} | {fps} | {ratio}× | {p50} | {:.2} | {host} | {:.2} | {:.1} | {} | {:.0} |",
             c.width,
             c.height,
             c.format,
@@ -187,7 +235,43 @@ pub fn print_markdown(r: &Report, out: &mut dyn std::io::Write) -> Result<()> {
             c.p99_ms,
             c.guest_cpu_ms_per_frame,
             c.bytes_copied_per_frame as f64 / 1e6,
+            c.request_bytes.map_or_else(|| "–".to_string(), |b| b.to_string()),
             c.peak_rss_mb
+        )?;
+    }
+    if !r.push.is_empty() {
+        writeln!(out, "\n### Scanout push (guest flips at 30 fps, one subscriber over UNIX)\n")?;
+        writeln!(
+            out,
+            "| size | content | flips | flip→AU p50 ms | p99 ms | added p50 ms (vs in-process) | host CPU ms/frame | in-process host CPU ms/frame |"
+        )?;
+        writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|")?;
+        for p in &r.push {
+            writeln!(
+                out,
+                "| {}x{} | {} | {} | {} | {} | {} | {} | {} |",
+                p.width,
+                p.height,
+                p.content,
+                p.frames,
+                p.p50_ms.show(2),
+                p.p99_ms.show(2),
+                p.added_p50_ms.show(2),
+                p.host_cpu_ms_per_frame.show(2),
+                p.in_process_host_cpu_ms_per_frame.show(2)
+            )?;
+        }
+    }
+    if let Some(i) = &r.push_idle {
+        writeln!(
+            out,
+            "\nIdle (subscribed at {}x{}, no flips for {:.1} s): host CPU {:.1} ms ({:.3}% of a core), {} frame(s) pushed.",
+            i.width,
+            i.height,
+            i.secs,
+            i.host_cpu_ms,
+            i.host_cpu_ms / (i.secs * 1e3) * 100.0,
+            i.frames
         )?;
     }
     writeln!(out, "\n### Physical floor (BGRx frame)\n")?;

@@ -7,13 +7,22 @@ use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 /// CPU nanoseconds used so far, split by side: host threads (named
-/// `hxfr-host*` and the session threads `hxfr-c*`, and the encoder threads
-/// they start, which inherit their names) versus everything else (the guest
+/// `hxfr-host*`, the session threads `hxfr-c*` and push feeds
+/// `hxfr-scanout*`, and the encoder threads they start, which inherit their
+/// names) versus everything else (the guest
 /// side of the benchmark).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuSplit {
     pub host_ns: u64,
     pub guest_ns: u64,
+}
+
+/// Whether a thread is the host's: its runtime (`hxfr-host*`), a
+/// connection's session (`hxfr-c*`) or a scanout's push feed
+/// (`hxfr-scanout*`), and the encoder threads they start (which inherit the
+/// name).
+fn is_host(name: &str) -> bool {
+    name.starts_with("hxfr-host") || name.starts_with("hxfr-c") || name.starts_with("hxfr-scanout")
 }
 
 /// Per-thread CPU time from /proc/self/task/*/schedstat (nanoseconds on CPU).
@@ -47,7 +56,7 @@ impl CpuMark {
         for (tid, (name, ns)) in threads() {
             let before = self.0.get(&tid).map_or(0, |(_, b)| *b);
             let used = ns.saturating_sub(before);
-            if name.starts_with("hxfr-host") || name.starts_with("hxfr-c") {
+            if is_host(&name) {
                 s.host_ns += used;
             } else {
                 s.guest_ns += used;
@@ -137,4 +146,17 @@ pub fn minor_faults() -> u64 {
         .ok()
         .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(7)?.parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_threads_by_name() {
+        for host in ["hxfr-host", "hxfr-host-main", "hxfr-c3-s1", "hxfr-scanout0"] {
+            assert!(super::is_host(host), "{host}");
+        }
+        for guest in ["main", "hxfr-bench", "vsockenc", "x264"] {
+            assert!(!super::is_host(guest), "{guest}");
+        }
+    }
 }
