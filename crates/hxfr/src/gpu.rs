@@ -15,6 +15,8 @@ pub struct GpuArg {
 }
 
 /// How a guest connection reaches the host.
+// Read only where there is a device to bind connections to.
+#[cfg_attr(not(all(target_os = "linux", feature = "vhost-user-gpu")), allow(dead_code))]
 pub enum Via {
     /// The n-th `--listen`.
     Listen(usize),
