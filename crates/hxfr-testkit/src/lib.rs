@@ -5,10 +5,11 @@
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
-#[cfg(feature = "decode")]
-#[cfg(unix)]
+// (It uses `bytes`, which only `decode` brings.)
+#[cfg(all(unix, feature = "decode"))]
 pub mod subscriber;
 
+#[cfg(feature = "decode")]
 use bytes::Bytes;
 #[cfg(feature = "decode")]
 use gst::prelude::*;
