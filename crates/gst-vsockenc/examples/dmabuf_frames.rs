@@ -31,18 +31,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn card() -> Result<std::path::PathBuf, String> {
-    let class = Path::new("/sys/class/drm");
-    std::fs::read_dir(class)
-        .map_err(|e| format!("{}: {e}", class.display()))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("card") && !n.contains('-'))
-        .find(|n| std::fs::read_to_string(class.join(n).join("device/vendor")).is_ok_and(|v| v.trim() == "0x1af4"))
-        .map(|n| Path::new("/dev/dri").join(n))
-        .ok_or_else(|| "no virtio-gpu card in /sys/class/drm".into())
-}
-
 fn run() -> Result<u32, String> {
     let a: Vec<String> = std::env::args().skip(1).collect();
     let [host, frames, size, mode, out] = a.as_slice() else {
@@ -52,7 +40,8 @@ fn run() -> Result<u32, String> {
     let size: hxfr_proto::Size = size.parse().map_err(|e| format!("WxH: {e}"))?;
     let (w, h) = (size.width, size.height);
     gst::init().map_err(|e| e.to_string())?;
-    let card = card()?;
+    let card =
+        hxfr_guest::drm::find_card(Path::new("/sys/class/drm"), Path::new("/dev/dri")).map_err(|e| e.to_string())?;
     let pipeline = gst::parse::launch(&format!(
         "appsrc name=src format=time is-live=false \
          caps=video/x-raw(memory:DMABuf),format=BGRx,width={w},height={h},framerate=30/1 ! \

@@ -101,13 +101,27 @@ impl std::error::Error for DrmError {}
 /// `class_drm` (normally /sys/class/drm) whose `device/vendor` is 0x1af4,
 /// as a path under `dev_dri` (normally /dev/dri).
 pub fn find_render_node(class_drm: &Path, dev_dri: &Path) -> Result<PathBuf, DrmError> {
+    find_node(class_drm, dev_dri, "renderD*", &|n| n.starts_with("renderD"))
+}
+
+/// Finds the primary node of the virtio-gpu device (`cardN`, which can make
+/// dumb buffers and set modes), as [`find_render_node`] finds its render node.
+pub fn find_card(class_drm: &Path, dev_dri: &Path) -> Result<PathBuf, DrmError> {
+    // `card0-Virtual-1` and the like are its connectors, not nodes.
+    find_node(class_drm, dev_dri, "card*", &|n| n.starts_with("card") && !n.contains('-'))
+}
+
+/// The first node (in name order) that `is_kind` takes whose device is virtio's.
+fn find_node(
+    class_drm: &Path,
+    dev_dri: &Path,
+    kind: &str,
+    is_kind: &dyn Fn(&str) -> bool,
+) -> Result<PathBuf, DrmError> {
     let entries =
         std::fs::read_dir(class_drm).map_err(|e| DrmError::NoVirtioGpu(format!("{}: {e}", class_drm.display())))?;
-    let mut nodes: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with("renderD"))
-        .collect();
+    let mut nodes: Vec<String> =
+        entries.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| is_kind(n)).collect();
     nodes.sort();
     nodes
         .into_iter()
@@ -117,7 +131,7 @@ pub fn find_render_node(class_drm: &Path, dev_dri: &Path) -> Result<PathBuf, Drm
         })
         .map(|n| dev_dri.join(n))
         .ok_or_else(|| {
-            DrmError::NoVirtioGpu(format!("no renderD* in {} has vendor {VIRTIO_VENDOR}", class_drm.display()))
+            DrmError::NoVirtioGpu(format!("no {kind} in {} has vendor {VIRTIO_VENDOR}", class_drm.display()))
         })
 }
 
@@ -269,6 +283,8 @@ mod tests {
         assert!(matches!(find_render_node(root.path(), dev), Err(DrmError::NoVirtioGpu(_))));
         node("renderD129", "0x1af4");
         assert_eq!(find_render_node(root.path(), dev).unwrap(), dev.join("renderD129"));
+        node("card0-Virtual-1", "0x1af4");
+        assert_eq!(find_card(root.path(), dev).unwrap(), dev.join("card0"), "a node, not its connector");
     }
 
     #[test]

@@ -200,15 +200,7 @@ fn main() -> ExitCode {
 
 /// The virtio-gpu card (the primary node, which can make dumb buffers).
 fn virtio_card() -> Result<PathBuf, String> {
-    let class = Path::new("/sys/class/drm");
-    let card = std::fs::read_dir(class)
-        .map_err(|e| format!("{}: {e}", class.display()))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("card") && !n.contains('-'))
-        .find(|n| std::fs::read_to_string(class.join(n).join("device/vendor")).is_ok_and(|v| v.trim() == "0x1af4"))
-        .ok_or("no virtio-gpu card in /sys/class/drm")?;
-    Ok(Path::new("/dev/dri").join(card))
+    drm::find_card(Path::new("/sys/class/drm"), Path::new("/dev/dri")).map_err(|e| e.to_string())
 }
 
 /// A dumb buffer and its resource id, found as vsockenc finds it.
