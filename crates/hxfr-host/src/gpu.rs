@@ -103,17 +103,24 @@ pub fn spawn_device(name: &str, socket: &Path, config: Config) -> Result<GpuDevi
     }
 }
 
-/// One VM's displays for the push engine (SUBSCRIBE): every SET_SCANOUT to
-/// a resource and every RESOURCE_FLUSH of a scanout is a flip; the picture
-/// is the scanout's rect of its resource, read from the backing pages when
-/// the encoder is about to read it (in place: the rect is a window into the
-/// resource's rows).
-/// What each scanout shows: (resource id, rect), `None` when disabled.
-type Shown = Arc<Mutex<[Option<(u32, Rect)>; MAX_SCANOUTS]>>;
+/// What one scanout shows, as the device's events told it.
+#[derive(Clone, Copy, Default)]
+struct Head {
+    /// (resource id, rect); `None` while disabled.
+    shows: Option<(u32, Rect)>,
+    /// The last event was a SET to a new buffer: the flush that follows it
+    /// (a page flip is both) brings no new picture.
+    just_set: bool,
+}
 
+/// One VM's displays for the push engine (SUBSCRIBE): every SET_SCANOUT to
+/// a new buffer and every fresh RESOURCE_FLUSH of a scanout is a flip; the
+/// picture is the scanout's rect of its resource, read from the backing
+/// pages when the encoder is about to read it (in place: the rect is a
+/// window into the resource's rows).
 pub struct GpuScanouts {
-    resources: Resources,
-    shown: Shown,
+    resolver: GpuResolver,
+    heads: Arc<Mutex<[Head; MAX_SCANOUTS]>>,
     /// Replaced when a scanout is unplugged: dropping the old sender ends
     /// its subscribers' streams.
     flips: Arc<Mutex<[watch::Sender<Flip>; MAX_SCANOUTS]>>,
@@ -126,16 +133,15 @@ impl GpuScanouts {
     /// `display`: QEMU's D-Bus display, for ENABLE_SCANOUT.
     pub fn attach(device: &GpuDevice, display: QemuDisplay) -> Arc<GpuScanouts> {
         let s = Arc::new(GpuScanouts {
-            resources: device.resources(),
-            shown: Arc::new(Mutex::new([None; MAX_SCANOUTS])),
+            resolver: GpuResolver::new(device.resources()),
+            heads: Arc::new(Mutex::new([Head::default(); MAX_SCANOUTS])),
             flips: Arc::new(Mutex::new(std::array::from_fn(|_| watch::channel(Flip::default()).0))),
             display,
         });
-        let (shown, flips) = (s.shown.clone(), s.flips.clone());
+        let (heads, flips) = (s.heads.clone(), s.flips.clone());
         // A page flip is SET_SCANOUT to the new buffer and at once a flush of
         // all of it; the buffer was complete at the SET (its pixels live in
         // the pages the encoder reads), so that flush is no new picture.
-        let just_set: Mutex<[bool; MAX_SCANOUTS]> = Mutex::new([false; MAX_SCANOUTS]);
         device.set_observer(Some(Arc::new(move |e: ScanoutEvent| {
             // On the device's thread: short locks, and a watch send (never
             // blocks; the newest flip wins).
@@ -145,19 +151,17 @@ impl GpuScanouts {
             if id >= MAX_SCANOUTS {
                 return;
             }
-            let mut set = just_set.lock().unwrap_or_else(|p| p.into_inner());
+            let head = &mut heads.lock().unwrap_or_else(|p| p.into_inner())[id];
             let flipped = match e {
                 ScanoutEvent::Set { resource_id, rect, .. } => {
-                    let mut shown = shown.lock().unwrap_or_else(|p| p.into_inner());
-                    let changed = shown[id] != Some((resource_id, rect)) && resource_id != 0;
-                    shown[id] = (resource_id != 0).then_some((resource_id, rect));
-                    set[id] = changed;
+                    let changed = head.shows != Some((resource_id, rect)) && resource_id != 0;
+                    head.shows = (resource_id != 0).then_some((resource_id, rect));
+                    head.just_set = changed;
                     changed
                 }
                 ScanoutEvent::Flush { rect, .. } => {
-                    let shown = shown.lock().unwrap_or_else(|p| p.into_inner());
-                    let whole = shown[id].is_some_and(|(_, r)| r.intersect(&rect) == r);
-                    !(std::mem::take(&mut set[id]) && whole)
+                    let whole = head.shows.is_some_and(|(_, r)| r.intersect(&rect) == r);
+                    !(std::mem::take(&mut head.just_set) && whole)
                 }
             };
             if flipped {
@@ -207,14 +211,14 @@ impl ScanoutSource for GpuScanouts {
     }
 
     fn picture(&self, scanout_id: u32) -> Result<Resolved, ResolveError> {
-        let shown = *self
-            .shown
+        let head = *self
+            .heads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(scanout_id as usize)
             .ok_or(ResolveError::NotFound(scanout_id))?;
-        let (resource_id, rect) = shown.ok_or(ResolveError::NotFound(scanout_id))?;
-        let full = GpuResolver::new(self.resources.clone()).resolve(resource_id)?;
+        let (resource_id, rect) = head.shows.ok_or(ResolveError::NotFound(scanout_id))?;
+        let full = self.resolver.resolve(resource_id)?;
         let mut layout = full.layout;
         // H.264 4:2:0 wants even sizes: an odd last row or column is left out.
         let (w, h) = (rect.width & !1, rect.height & !1);
