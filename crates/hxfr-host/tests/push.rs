@@ -48,70 +48,36 @@ fn noise(seed: u32) -> Vec<u8> {
         .collect()
 }
 
-/// A subscriber that behaves exactly like Helix's.
-struct Subscriber {
-    s: UnixStream,
-    dec: FrameDecoder,
-    buf: BytesMut,
-    scanout: u32,
-}
+/// A subscriber that behaves exactly like Helix's (`hxfr_testkit`'s), whose
+/// every breach of Helix's rules fails the test.
+struct Subscriber(hxfr_testkit::subscriber::Subscriber);
 
 impl Subscriber {
     /// Subscribes; `None` when refused. Then sends Helix's CONFIG_REQ.
     fn subscribe(host: &Host, scanout: u32, bitrate: u32) -> Option<Subscriber> {
-        let s = UnixStream::connect(&host.unix).unwrap();
-        let mut sub = Subscriber { s, dec: FrameDecoder::default(), buf: BytesMut::new(), scanout };
-        sub.send(Message::Subscribe { scanout_id: scanout });
-        let p = sub.read(TIMEOUT).expect("SUBSCRIBE_RESP");
-        assert_eq!(p.session_id, scanout as u16, "SUBSCRIBE_RESP's session_id is the scanout id");
-        let Message::SubscribeResp { scanout_id, success } = p.message else {
-            panic!("the message after SUBSCRIBE must be SUBSCRIBE_RESP, got {:?}", p.message)
-        };
-        assert_eq!(scanout_id, scanout);
-        if !success {
-            return None;
-        }
-        let c = ConfigReq {
-            width: W,
-            height: H,
-            bitrate,
-            fps_num: 60,
-            fps_den: 1,
-            profile: 66,
-            level_x10: 40,
-            realtime: true,
-        };
-        sub.send(Message::ConfigReq(c));
-        Some(sub)
+        let config = hxfr_testkit::subscriber::helix_config(W, H, bitrate);
+        hxfr_testkit::subscriber::Subscriber::subscribe(&host.unix, scanout, config).unwrap().map(Subscriber)
+    }
+
+    /// A connection for `scanout` that has not subscribed.
+    fn connect(host: &Host, scanout: u32) -> Subscriber {
+        Subscriber(hxfr_testkit::subscriber::Subscriber::connect(&host.unix, scanout).unwrap())
     }
 
     fn send(&mut self, m: Message) {
-        write_packet(&mut self.s, &Packet::new(self.scanout as u16, m), &mut BytesMut::new()).unwrap();
+        self.0.send(m).unwrap()
     }
 
     /// The next message, or `None` when none came within `t`.
     fn read(&mut self, t: Duration) -> Option<Packet> {
-        self.s.set_read_timeout(Some(t)).unwrap();
-        match read_packet(&mut self.s, &mut self.dec, &mut self.buf) {
-            Ok(p) => Some(p),
-            Err(e) if e.is_timeout() => None,
-            Err(e) => panic!("subscriber: {e}"),
-        }
+        self.0.read(t).unwrap()
     }
 
     /// The next frame, or `None` when none came within `t`. Anything but a
     /// FRAME_RESPONSE with one entry for this scanout fails, as it would
     /// end Helix's stream.
     fn frame(&mut self, t: Duration) -> Option<FrameResponse> {
-        let p = self.read(t)?;
-        assert_eq!(p.session_id, self.scanout as u16, "frames carry the scanout id");
-        match p.message {
-            Message::FrameResponse(r) => {
-                assert_eq!(r.nals.len(), 1, "one entry holding the whole access unit");
-                Some(r)
-            }
-            other => panic!("a subscriber takes only FRAME_RESPONSE, got {}", other.name()),
-        }
+        self.0.frame(t).unwrap()
     }
 
     /// Frames until the one with pts `pts` (the flip's time).
@@ -357,12 +323,7 @@ fn an_unknown_scanout_is_refused_and_the_connection_still_serves_ping() {
     let scanouts = Arc::new(MemoryScanouts::default());
     let host = start(&scanouts);
     scanouts.add(0);
-    let mut c = Subscriber {
-        s: UnixStream::connect(&host.unix).unwrap(),
-        dec: FrameDecoder::default(),
-        buf: BytesMut::new(),
-        scanout: 7,
-    };
+    let mut c = Subscriber::connect(&host, 7);
     c.send(Message::Subscribe { scanout_id: 7 });
     let p = c.read(TIMEOUT).unwrap();
     assert_eq!((p.session_id, p.message), (7, Message::SubscribeResp { scanout_id: 7, success: false }));
@@ -383,8 +344,7 @@ fn a_removed_scanout_ends_its_subscribers_stream() {
     let mut sub = Subscriber::subscribe(&host, 3, 0).unwrap();
     assert_idr(&sub.frame(TIMEOUT).unwrap());
     scanouts.remove(3);
-    sub.s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    match read_packet(&mut sub.s, &mut sub.dec, &mut sub.buf) {
+    match sub.0.read_packet(TIMEOUT) {
         Err(DecodeError::Io { kind, .. }) => assert_eq!(kind, ErrorKind::UnexpectedEof, "closed, not timed out"),
         other => panic!("expected the connection to close, got {other:?}"),
     }

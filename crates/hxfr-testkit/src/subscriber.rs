@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use hxfr_proto::io::{read_packet, write_packet};
-use hxfr_proto::{ConfigReq, FrameDecoder, FrameResponse, Message, Packet};
+use hxfr_proto::{ConfigReq, DecodeError, FrameDecoder, FrameResponse, Message, Packet};
 
 pub struct Subscriber {
     s: UnixStream,
@@ -28,8 +28,7 @@ impl Subscriber {
     /// `Ok(None)` when the host answers success = 0 (the connection is
     /// dropped), else the subscriber, its CONFIG_REQ sent.
     pub fn subscribe(host: &Path, scanout: u32, config: ConfigReq) -> Result<Option<Subscriber>, String> {
-        let s = UnixStream::connect(host).map_err(|e| format!("{}: {e}", host.display()))?;
-        let mut sub = Subscriber { s, dec: FrameDecoder::default(), buf: BytesMut::new(), scanout };
+        let mut sub = Subscriber::connect(host, scanout)?;
         sub.send(Message::Subscribe { scanout_id: scanout })?;
         let p = sub.read(Duration::from_secs(10))?.ok_or("no SUBSCRIBE_RESP within 10 s")?;
         if p.session_id != scanout as u16 {
@@ -47,18 +46,31 @@ impl Subscriber {
         Ok(Some(sub))
     }
 
+    /// A connection that will speak for `scanout` (its session id), not yet
+    /// subscribed: for tests of what comes before or instead.
+    pub fn connect(host: &Path, scanout: u32) -> Result<Subscriber, String> {
+        let s = UnixStream::connect(host).map_err(|e| format!("{}: {e}", host.display()))?;
+        Ok(Subscriber { s, dec: FrameDecoder::default(), buf: BytesMut::new(), scanout })
+    }
+
     pub fn send(&mut self, m: Message) -> Result<(), String> {
         write_packet(&mut self.s, &Packet::new(self.scanout as u16, m), &mut BytesMut::new()).map_err(|e| e.to_string())
     }
 
     /// The next message, or `None` when none came within `t`.
     pub fn read(&mut self, t: Duration) -> Result<Option<Packet>, String> {
-        self.s.set_read_timeout(Some(t.max(Duration::from_millis(1)))).map_err(|e| e.to_string())?;
-        match read_packet(&mut self.s, &mut self.dec, &mut self.buf) {
+        match self.read_packet(t) {
             Ok(p) => Ok(Some(p)),
             Err(e) if e.is_timeout() => Ok(None),
             Err(e) => Err(format!("subscriber: {e}")),
         }
+    }
+
+    /// The next message as the decoder read it: a timeout, the host closing
+    /// the connection and a bad message are told apart.
+    pub fn read_packet(&mut self, t: Duration) -> Result<Packet, DecodeError> {
+        self.s.set_read_timeout(Some(t.max(Duration::from_millis(1))))?;
+        read_packet(&mut self.s, &mut self.dec, &mut self.buf)
     }
 
     /// The next frame, or `None` when none came within `t`. Anything but a
