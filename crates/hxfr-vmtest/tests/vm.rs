@@ -562,6 +562,40 @@ fn a_new_qemu_on_the_same_device_starts_from_an_empty_device() {
     assert_eq!(host_totals(&host).0, 20);
 }
 
+/// A subscriber's frames (access unit, keyframe) until two seconds after
+/// the guest's last flip (`hxfr-vmguest --flips N --pace-ms 300 --hold-ms`
+/// ≥ 3000). The guest prints `HXFR-FLIP N-1` once that flip is done, then
+/// sleeps its pace and holds still: that flip's frame comes within the
+/// first second, and nothing may come in the next two (before the guest
+/// exits and its console takes the display back).
+fn frames_until_still(
+    sub: &mut hxfr_testkit::subscriber::Subscriber,
+    vm: &hxfr_vmtest::Vm,
+    flips: u32,
+) -> Vec<(Bytes, bool)> {
+    let last = format!("HXFR-FLIP {}", flips - 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut aus = Vec::new();
+    let mut last_flip_at: Option<std::time::Instant> = None;
+    loop {
+        if last_flip_at.is_none() && vm.console().contains(&last) {
+            last_flip_at = Some(std::time::Instant::now());
+        }
+        if last_flip_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) {
+            return aus;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} frames in 90 s:\n{}", aus.len(), vm.console());
+        // Short reads, so the console is looked at while frames are quiet.
+        let Some(r) = sub.frame(Duration::from_millis(200)).unwrap_or_else(|e| panic!("{e}\n{}", vm.console())) else {
+            continue;
+        };
+        if let Some(t) = last_flip_at {
+            assert!(t.elapsed() < Duration::from_secs(1), "a frame while the guest held still:\n{}", vm.console());
+        }
+        aus.push((r.to_annex_b(), r.is_keyframe));
+    }
+}
+
 /// Scanout push (the guest does no per-frame work): the guest sets a 640x480
 /// mode and page-flips a drawn pattern 20 times, then holds still. A
 /// subscriber that keeps Helix's rules gets only one-entry FRAME_RESPONSEs;
@@ -590,34 +624,9 @@ fn scanout_push_a_helix_subscriber_gets_every_flip_and_nothing_while_still() {
     let mut sub = sub.unwrap();
     // A second subscriber that never reads: it must not slow the first.
     let _stalled = hxfr_testkit::subscriber::Subscriber::subscribe(&listen, 0, config).unwrap().expect("scanout 0");
-    // Frames until the last flip's picture has come and the guest has held
-    // still for two seconds after it (it holds for four).
-    let mut aus: Vec<Bytes> = Vec::new();
-    let mut last_flip_seen_at = None;
-    loop {
-        let wait = match last_flip_seen_at {
-            Some(t) => Duration::from_secs(2).saturating_sub(std::time::Instant::now().duration_since(t)),
-            None => Duration::from_secs(30),
-        };
-        match sub.frame(wait).unwrap_or_else(|e| panic!("{e}\n{}", vm.console())) {
-            Some(r) => {
-                assert!(last_flip_seen_at.is_none(), "a frame while the guest held still:\n{}", vm.console());
-                if aus.is_empty() {
-                    assert!(r.is_keyframe, "the first frame a subscriber gets is an IDR");
-                }
-                aus.push(r.to_annex_b());
-                if vm.console().contains(&format!("HXFR-FLIP {}", FLIPS - 1)) && last_flip_seen_at.is_none() {
-                    // The last flip happened; its frame may be this one or the next.
-                    if let Some(r) = sub.frame(Duration::from_secs(5)).unwrap() {
-                        aus.push(r.to_annex_b());
-                    }
-                    last_flip_seen_at = Some(std::time::Instant::now());
-                }
-            }
-            None if last_flip_seen_at.is_some() => break,
-            None => panic!("no frame for 30 s ({} so far):\n{}", aus.len(), vm.console()),
-        }
-    }
+    let aus = frames_until_still(&mut sub, &vm, FLIPS);
+    assert!(!aus.is_empty() && aus[0].1, "the first frame a subscriber gets is an IDR");
+    let aus: Vec<Bytes> = aus.into_iter().map(|(au, _)| au).collect();
     let o = vm.finish(VM_TIMEOUT);
     assert!(o.console.contains(&format!("HXFR-FLIPS done flips={FLIPS} {w}x{h}")), "{}", o.console);
     // The pictures at the guest's mode, matched to the patterns it drew.
@@ -698,7 +707,7 @@ fn enable_scanout_plugs_a_second_display_that_streams_on_its_own() {
     let guest = format!(
         "for i in $(seq 1 150); do grep -qx connected /sys/class/drm/card0-Virtual-2/status && break; sleep 0.2; done; \
          cat /sys/class/drm/card0-Virtual-2/status; \
-         hxfr-vmguest --flips {FLIPS} --connector 1 --size {w}x{h} --pace-ms 300 --hold-ms 2000"
+         hxfr-vmguest --flips {FLIPS} --connector 1 --size {w}x{h} --pace-ms 300 --hold-ms 4000"
     );
     let vm = Qemu::new(&img, &img.gpu)
         .kernel(&img.generic_kernel)
@@ -716,25 +725,7 @@ fn enable_scanout_plugs_a_second_display_that_streams_on_its_own() {
     let config = hxfr_testkit::subscriber::helix_config(w, h, 4_000_000);
     let mut second = hxfr_testkit::subscriber::Subscriber::subscribe(&listen, 1, config).unwrap().expect("scanout 1");
     let mut first = hxfr_testkit::subscriber::Subscriber::subscribe(&listen, 0, config).unwrap().expect("scanout 0");
-    // Frames of scanout 1 until the guest's last flip has happened and a
-    // second has passed (it then holds still).
-    let mut aus = Vec::new();
-    let last = format!("HXFR-FLIP {}", FLIPS - 1);
-    let mut quiet_from = None;
-    loop {
-        if quiet_from.is_none() && vm.console().contains(&last) {
-            quiet_from = Some(std::time::Instant::now());
-        }
-        let wait = match quiet_from {
-            Some(t) => Duration::from_millis(1500).saturating_sub(t.elapsed()),
-            None => Duration::from_secs(60),
-        };
-        match second.frame(wait).unwrap() {
-            Some(r) => aus.push(r.to_annex_b()),
-            None if quiet_from.is_some() => break,
-            None => panic!("{} frames on scanout 1, then none for 60 s:\n{}", aus.len(), vm.console()),
-        }
-    }
+    let aus: Vec<Bytes> = frames_until_still(&mut second, &vm, FLIPS).into_iter().map(|(au, _)| au).collect();
     // Scanout 0 shows the guest's console, on its own stream.
     let console = first.frame(Duration::from_secs(10)).unwrap().expect("a frame of scanout 0");
     let o = vm.finish(VM_TIMEOUT);
