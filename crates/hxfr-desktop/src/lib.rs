@@ -1,0 +1,34 @@
+//! The desktop side of the bridge: what it captures and what it drives.
+//!
+//! A viewer's keyboard, pointer and clipboard arrive as JSON on the bridge's
+//! WebSocket ([`input::ViewerMessage`]); they are validated into
+//! desktop-neutral [`input::InputEvent`]s (Linux evdev codes, pointer
+//! positions as fractions of the picture) and handed through a bounded
+//! channel ([`control`]) to one backend per desktop kind:
+//! Mutter's RemoteDesktop API for GNOME, XTest for X11, none for the test
+//! pattern. A backend that sees the desktop's clipboard change publishes the
+//! text back the same way.
+
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
+pub mod control;
+pub mod input;
+pub mod keys;
+
+pub use control::{Backend, Control, ControlStats};
+pub use input::{InputEvent, ViewerMessage};
+
+/// Why the desktop could not be reached or driven.
+#[derive(Debug, thiserror::Error)]
+pub enum DesktopError {
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("input rejected: {0}")]
+    Rejected(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
