@@ -689,10 +689,21 @@ fn enable_scanout(host: &Path, scanout_id: u32, width: u32, height: u32) -> (boo
     }
 }
 
+/// DISABLE_SCANOUT on a connection of the host's (it has no answer).
+fn disable_scanout(host: &Path, scanout_id: u32) {
+    use hxfr_proto::io::write_packet;
+    let mut s = std::os::unix::net::UnixStream::connect(host).unwrap();
+    let m = hxfr_proto::Message::DisableScanout { scanout_id };
+    write_packet(&mut s, &hxfr_proto::Packet::new(scanout_id as u16, m), &mut bytes::BytesMut::new()).unwrap();
+}
+
 /// ENABLE_SCANOUT plugs a second display into the guest through QEMU's
 /// D-Bus display: the guest sees connector 2 connected at the asked size,
 /// draws on it, and scanouts 0 (the guest's console) and 1 stream
-/// independently to two subscribers.
+/// independently to two subscribers. DISABLE_SCANOUT unplugs it again: the
+/// guest sees the connector disconnected, and its subscriber's stream ends
+/// without a word (Helix's subscriber takes nothing but frames): the host
+/// closes a connection whose every subscription has ended.
 #[test]
 fn enable_scanout_plugs_a_second_display_that_streams_on_its_own() {
     const FLIPS: u32 = 10;
@@ -707,7 +718,8 @@ fn enable_scanout_plugs_a_second_display_that_streams_on_its_own() {
     let guest = format!(
         "for i in $(seq 1 150); do grep -qx connected /sys/class/drm/card0-Virtual-2/status && break; sleep 0.2; done; \
          cat /sys/class/drm/card0-Virtual-2/status; \
-         hxfr-vmguest --flips {FLIPS} --connector 1 --size {w}x{h} --pace-ms 300 --hold-ms 4000"
+         hxfr-vmguest --flips {FLIPS} --connector 1 --size {w}x{h} --pace-ms 300 --hold-ms 4000; \
+         for i in $(seq 1 150); do grep -qx disconnected /sys/class/drm/card0-Virtual-2/status && echo HXFR-UNPLUGGED && break; sleep 0.2; done"
     );
     let vm = Qemu::new(&img, &img.gpu)
         .kernel(&img.generic_kernel)
@@ -728,8 +740,16 @@ fn enable_scanout_plugs_a_second_display_that_streams_on_its_own() {
     let aus: Vec<Bytes> = frames_until_still(&mut second, &vm, FLIPS).into_iter().map(|(au, _)| au).collect();
     // Scanout 0 shows the guest's console, on its own stream.
     let console = first.frame(Duration::from_secs(10)).unwrap().expect("a frame of scanout 0");
+    disable_scanout(&listen, 1);
     let o = vm.finish(VM_TIMEOUT);
     assert!(o.console.contains(&format!("HXFR-FLIPS done flips={FLIPS} {w}x{h}")), "{}", o.console);
+    assert!(o.console.contains("HXFR-UNPLUGGED"), "the guest never saw connector 2 unplugged:\n{}", o.console);
+    // Its subscriber's stream has ended: the host closed the connection (it
+    // subscribed to nothing else) with no frame and no other message first.
+    match second.frame(Duration::from_secs(10)) {
+        Err(e) if e.contains("connection closed") => {}
+        other => panic!("scanout 1's subscriber after DISABLE_SCANOUT: {other:?}"),
+    }
     let pictures = decode_h264(&aus, Output::Nv12).expect("decodes");
     assert!(pictures.iter().all(|p| (p.width, p.height) == (w, h)), "scanout 1 is {w}x{h}");
     // Every flip's picture arrives on scanout 1, in order (after whatever the
