@@ -171,7 +171,8 @@ struct Keymap {
 
 impl Keymap {
     fn load(conn: &RustConnection, min: u8, max: u8) -> Result<Keymap, DesktopError> {
-        let mut k = Keymap { min, per: 0, syms: vec![], spare: vec![], next_spare: 0, bound: HashMap::new(), stale: true };
+        let mut k =
+            Keymap { min, per: 0, syms: vec![], spare: vec![], next_spare: 0, bound: HashMap::new(), stale: true };
         k.reload(conn, max)?;
         k.spare = (min..=max).rev().filter(|&kc| k.row(kc).iter().all(|&s| s == 0)).collect();
         Ok(k)
@@ -227,7 +228,7 @@ impl Keymap {
     /// Gives the bound keycodes back their (empty) mapping.
     fn unbind_all(&mut self, conn: &RustConnection) -> Result<(), DesktopError> {
         for (kc, _) in self.bound.drain() {
-            send("unbinding a keysym", conn.change_keyboard_mapping(1, kc, 2, &[0, 0]))?;
+            send("unbinding a keysym", conn.change_keyboard_mapping(1, kc, 1, &[0]))?;
         }
         Ok(())
     }
@@ -255,10 +256,7 @@ impl InputState {
         let (min, max) = (setup.min_keycode, setup.max_keycode);
         let s = setup.roots.get(screen).ok_or_else(|| x11_err("connecting", format!("no screen {screen}")))?;
         let (root, width, height) = (s.root, s.width_in_pixels, s.height_in_pixels);
-        conn.xtest_get_version(2, 2)
-            .map_err(|e| x11_err("XTest", e))?
-            .reply()
-            .map_err(|e| x11_err("XTest", e))?;
+        conn.xtest_get_version(2, 2).map_err(|e| x11_err("XTest", e))?.reply().map_err(|e| x11_err("XTest", e))?;
         // ConfigureNotify on the root says when the screen changes size.
         let attrs = xproto::ChangeWindowAttributesAux::new().event_mask(EventMask::STRUCTURE_NOTIFY);
         send("watching the root window", conn.change_window_attributes(root, &attrs))?;
@@ -299,7 +297,10 @@ impl InputState {
             self.fake(xproto::KEY_RELEASE_EVENT, kc)?;
         }
         self.keymap.unbind_all(&self.conn)?;
-        self.conn.flush().map_err(|e| x11_err("flush", e))
+        // A round trip: the server drops requests it has not run when the
+        // connection closes behind them.
+        self.conn.get_input_focus().map_err(|e| x11_err("sync", e))?.reply().map_err(|e| x11_err("sync", e))?;
+        Ok(())
     }
 
     /// Reads what the server told us since: mapping and screen size changes,
@@ -449,20 +450,10 @@ struct ClipState {
 impl ClipState {
     fn new(display: Option<&str>, tx: ClipboardTx) -> Result<ClipState, DesktopError> {
         let (conn, screen) = RustConnection::connect(display).map_err(|e| x11_err("connecting", e))?;
-        let root = conn
-            .setup()
-            .roots
-            .get(screen)
-            .ok_or_else(|| x11_err("connecting", format!("no screen {screen}")))?
-            .root;
-        let atoms = Atoms::new(&conn)
-            .map_err(|e| x11_err("atoms", e))?
-            .reply()
-            .map_err(|e| x11_err("atoms", e))?;
-        conn.xfixes_query_version(5, 0)
-            .map_err(|e| x11_err("XFixes", e))?
-            .reply()
-            .map_err(|e| x11_err("XFixes", e))?;
+        let root =
+            conn.setup().roots.get(screen).ok_or_else(|| x11_err("connecting", format!("no screen {screen}")))?.root;
+        let atoms = Atoms::new(&conn).map_err(|e| x11_err("atoms", e))?.reply().map_err(|e| x11_err("atoms", e))?;
+        conn.xfixes_query_version(5, 0).map_err(|e| x11_err("XFixes", e))?.reply().map_err(|e| x11_err("XFixes", e))?;
         let win = conn.generate_id().map_err(|e| x11_err("window id", e))?;
         let aux = xproto::CreateWindowAux::new().event_mask(EventMask::PROPERTY_CHANGE);
         send(
@@ -567,11 +558,10 @@ impl ClipState {
     fn handle(&mut self, ev: Event) -> Result<(), DesktopError> {
         let a = &self.atoms;
         match ev {
-            Event::XfixesSelectionNotify(e) if e.selection == a.CLIPBOARD => {
-                if e.owner != self.win && e.owner != NONE {
-                    self.owned = None;
-                    self.start_fetch(self.atoms.UTF8_STRING, e.selection_timestamp)?;
-                }
+            // Another client copied: fetch it (our own taking is no news).
+            Event::XfixesSelectionNotify(e) if e.selection == a.CLIPBOARD && e.owner != self.win && e.owner != NONE => {
+                self.owned = None;
+                self.start_fetch(self.atoms.UTF8_STRING, e.selection_timestamp)?;
             }
             Event::SelectionNotify(e) if e.requestor == self.win && e.selection == a.CLIPBOARD => {
                 let Some(f) = &self.fetch else { return Ok(()) };
@@ -629,7 +619,7 @@ impl ClipState {
             f.deadline = Instant::now() + FETCH_TIMEOUT;
             return Ok(());
         }
-        if r.format != 8 || r.bytes_after > 0 {
+        if r.format != 8 || r.bytes_after > 0 || r.value.len() > CLIPBOARD_MAX {
             tracing::info!("x11: the clipboard is not text of at most {CLIPBOARD_MAX} bytes; ignored");
             self.fetch = None;
             return Ok(());
