@@ -405,7 +405,7 @@ impl InputState {
             }
             InputEvent::Scroll { dx, dy } => {
                 let add = |acc: &mut f64, d: f64| -> i32 {
-                    if !d.is_finite() {
+                    if !d.is_finite() || d == 0.0 {
                         return 0;
                     }
                     // A turn the other way starts afresh.

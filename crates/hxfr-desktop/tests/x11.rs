@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hxfr_desktop::control::{self, ClipboardRx, Control};
@@ -15,6 +16,7 @@ use x11rb::connection::Connection;
 use x11rb::protocol::Event;
 use x11rb::protocol::xproto::{self, ConnectionExt as _, EventMask};
 use x11rb::rust_connection::RustConnection;
+use x11rb::wrapper::ConnectionExt as _;
 
 const WIDTH: u16 = 1280;
 const HEIGHT: u16 = 720;
@@ -345,26 +347,40 @@ fn output(cmd: &mut Command) -> Option<String> {
     }
 }
 
-/// Makes xclip own the clipboard with `text` (it stays until killed).
-fn xclip_copy(display: &str, procs: &mut Procs, text: &str) {
-    let child = procs.spawn(
-        Command::new("xclip")
-            .args(["-quiet", "-selection", "clipboard", "-i"])
-            .env("DISPLAY", display)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
+/// Makes xclip own the clipboard with `text`, until killed or, with
+/// `loops`, until it has served that many requests; its index in `procs`.
+fn xclip_copy(display: &str, procs: &mut Procs, text: &str, loops: Option<u32>) -> usize {
+    let mut cmd = Command::new("xclip");
+    cmd.args(["-quiet", "-selection", "clipboard", "-i"]);
+    if let Some(n) = loops {
+        cmd.args(["-loops", &n.to_string()]);
+    }
+    let child =
+        procs.spawn(cmd.env("DISPLAY", display).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()));
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(text.as_bytes()).unwrap();
+    procs.0.len() - 1
 }
 
 async fn clipboard_becomes(rx: &mut ClipboardRx, want: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while rx.borrow_and_update().as_deref() != Some(want) {
         let changed = tokio::time::timeout_at(deadline, rx.changed()).await;
-        assert!(matches!(changed, Ok(Ok(()))), "the clipboard never became {:.40?}…", want);
+        assert!(matches!(changed, Ok(Ok(()))), "the clipboard never became the {} bytes expected", want.len());
     }
+}
+
+/// Lengths of every clipboard text the backend publishes, as they come.
+fn record_lengths(mut rx: ClipboardRx) -> Arc<Mutex<Vec<usize>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let len = rx.borrow_and_update().as_deref().map_or(0, str::len);
+            s.lock().unwrap().push(len);
+        }
+    });
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,6 +388,7 @@ async fn clipboard_both_ways() {
     let mut procs = Procs::default();
     let display = xvfb(&mut procs);
     let (c, mut rx) = backend(&display).await;
+    let seen = record_lengths(rx.clone());
 
     // The page pastes: X clients read it.
     let ours = format!("héllo € {}", token());
@@ -384,23 +401,25 @@ async fn clipboard_both_ways() {
 
     // A client copies: the page gets it.
     let theirs = format!("from xclip ✓ {}", token());
-    xclip_copy(&display, &mut procs, &theirs);
+    xclip_copy(&display, &mut procs, &theirs, None);
     clipboard_becomes(&mut rx, &theirs).await;
 
-    // Large text, over one request's worth for xclip (it may use INCR).
+    // Large text, well within the limit.
     let big: String = (0..200 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
-    xclip_copy(&display, &mut procs, &big);
+    xclip_copy(&display, &mut procs, &big, None);
     clipboard_becomes(&mut rx, &big).await;
 
-    // Over the limit: ignored, and the next copy still arrives.
+    // Over the limit: xclip hands it over (and exits, having served our one
+    // request), the backend refuses it, and the next copy still arrives.
     let huge = "z".repeat(hxfr_desktop::input::CLIPBOARD_MAX + 1);
-    xclip_copy(&display, &mut procs, &huge);
+    let i = xclip_copy(&display, &mut procs, &huge, Some(1));
+    wait_for("xclip to hand over the huge text", 10, || procs.0[i].try_wait().unwrap());
     let small = format!("after {}", token());
-    // Give the huge one time to be seen (and refused) before the next.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(rx.borrow().as_deref() == Some(&*big), "text over the limit was taken");
-    xclip_copy(&display, &mut procs, &small);
+    xclip_copy(&display, &mut procs, &small, None);
     clipboard_becomes(&mut rx, &small).await;
+    // The backend handles X events in order: had it taken the huge text, it
+    // would have published it before this.
+    assert!(!seen.lock().unwrap().contains(&huge.len()), "text over the limit was taken");
 
     // And the page can take it back.
     push(&c, ViewerMessage::Clipboard("again".into())).await;
@@ -409,4 +428,81 @@ async fn clipboard_both_ways() {
             .filter(|s| s == "again")
     });
     assert_eq!(c.stats.clipboard_set.load(Ordering::Relaxed), 2);
+}
+
+/// An owner that hands its text over in INCR chunks, as clients do for text
+/// larger than one request; serves one request, then returns.
+fn incr_owner(display: &str, text: &[u8], chunk: usize, owning: std::sync::mpsc::Sender<()>) {
+    let (conn, root) = connect(display);
+    let atom = |name: &str| conn.intern_atom(false, name.as_bytes()).unwrap().reply().unwrap().atom;
+    let (clipboard, utf8, incr) = (atom("CLIPBOARD"), atom("UTF8_STRING"), atom("INCR"));
+    let win = conn.generate_id().unwrap();
+    let aux = xproto::CreateWindowAux::new();
+    conn.create_window(0, win, root, 0, 0, 1, 1, 0, xproto::WindowClass::INPUT_ONLY, 0, &aux).unwrap();
+    conn.set_selection_owner(win, clipboard, x11rb::CURRENT_TIME).unwrap();
+    conn.flush().unwrap();
+    owning.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let next = |what: &str| loop {
+        if let Some(e) = conn.poll_for_event().unwrap() {
+            return e;
+        }
+        assert!(Instant::now() < deadline, "the INCR owner timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let req = loop {
+        if let Event::SelectionRequest(r) = next("the request") {
+            break r;
+        }
+    };
+    assert_eq!(req.target, utf8);
+    let attrs = xproto::ChangeWindowAttributesAux::new().event_mask(EventMask::PROPERTY_CHANGE);
+    conn.change_window_attributes(req.requestor, &attrs).unwrap();
+    conn.change_property32(xproto::PropMode::REPLACE, req.requestor, req.property, incr, &[text.len() as u32]).unwrap();
+    let notify = xproto::SelectionNotifyEvent {
+        response_type: xproto::SELECTION_NOTIFY_EVENT,
+        sequence: 0,
+        time: req.time,
+        requestor: req.requestor,
+        selection: req.selection,
+        target: req.target,
+        property: req.property,
+    };
+    conn.send_event(false, req.requestor, EventMask::NO_EVENT, notify).unwrap();
+    conn.flush().unwrap();
+    // Each deletion asks for the next chunk; an empty one ends it.
+    let mut chunks = text.chunks(chunk).chain(std::iter::once(&[][..]));
+    while let Some(c) = chunks.next() {
+        loop {
+            if let Event::PropertyNotify(p) = next("a deletion")
+                && p.window == req.requestor
+                && p.atom == req.property
+                && p.state == xproto::Property::DELETE
+            {
+                break;
+            }
+        }
+        conn.change_property8(xproto::PropMode::REPLACE, req.requestor, req.property, utf8, c).unwrap();
+        conn.flush().unwrap();
+    }
+    // A round trip before closing: the server drops requests it has not run
+    // when the connection closes behind them.
+    conn.get_input_focus().unwrap().reply().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clipboard_in_incr_chunks() {
+    let mut procs = Procs::default();
+    let display = xvfb(&mut procs);
+    let (_c, mut rx) = backend(&display).await;
+    // Multi-byte characters split across chunks join back whole.
+    let text: String = format!("incr ✓ {} ", token()).repeat(3000);
+    let (tx, owning) = std::sync::mpsc::channel();
+    let owner = {
+        let (display, text) = (display.clone(), text.clone());
+        std::thread::spawn(move || incr_owner(&display, text.as_bytes(), 4096, tx))
+    };
+    owning.recv_timeout(Duration::from_secs(10)).expect("the INCR owner did not start");
+    clipboard_becomes(&mut rx, &text).await;
+    owner.join().expect("the INCR owner failed");
 }
