@@ -471,8 +471,7 @@ fn incr_owner(display: &str, text: &[u8], chunk: usize, owning: std::sync::mpsc:
     conn.send_event(false, req.requestor, EventMask::NO_EVENT, notify).unwrap();
     conn.flush().unwrap();
     // Each deletion asks for the next chunk; an empty one ends it.
-    let mut chunks = text.chunks(chunk).chain(std::iter::once(&[][..]));
-    while let Some(c) = chunks.next() {
+    for c in text.chunks(chunk).chain(std::iter::once(&[][..])) {
         loop {
             if let Event::PropertyNotify(p) = next("a deletion")
                 && p.window == req.requestor
