@@ -380,7 +380,9 @@ impl InputState {
             InputEvent::Pointer { x, y } => {
                 let px = |f: f64, size: u16| {
                     let f = if f.is_finite() { f.clamp(0.0, 1.0) } else { 0.0 };
-                    ((f * f64::from(size)).floor() as i16).clamp(0, size.saturating_sub(1) as i16)
+                    // X coordinates are 16-bit signed, whatever size a server claims.
+                    let last = i16::try_from(size.saturating_sub(1)).unwrap_or(i16::MAX);
+                    ((f * f64::from(size)).floor() as i16).clamp(0, last)
                 };
                 let (x, y) = (px(x, self.width), px(y, self.height));
                 send(

@@ -321,9 +321,31 @@ async fn pointer_buttons_and_wheel() {
     assert_eq!(got, want);
     assert_eq!(c.stats.failed.load(Ordering::Relaxed), 0);
 
+    // What a viewer holds down is let go of when its page loses focus.
+    let shift_down = || {
+        let keys = conn.query_keymap().unwrap().reply().unwrap().keys;
+        let kc = keys::KEY_LEFTSHIFT as usize + 8;
+        keys[kc / 8] & (1 << (kc % 8)) != 0
+    };
+    let left_down = || {
+        let mask = conn.query_pointer(root).unwrap().reply().unwrap().mask;
+        mask.contains(xproto::KeyButMask::BUTTON1)
+    };
+    ev(&c, InputEvent::Key { code: keys::KEY_LEFTSHIFT, down: true }).await;
+    ev(&c, InputEvent::Button { code: keys::BTN_LEFT, down: true }).await;
+    wait_for("Shift and the left button to be down", 5, || (shift_down() && left_down()).then_some(()));
+    push(&c, ViewerMessage::Release).await;
+    wait_for("Shift and the left button to be let go", 5, || (!shift_down() && !left_down()).then_some(()));
+
     // A key with no X keycode is refused (counted), not sent.
     ev(&c, InputEvent::Key { code: 300, down: true }).await;
     wait_for("the refusal", 5, || (c.stats.failed.load(Ordering::Relaxed) == 1).then_some(()));
+
+    // And a backend dropped with a key down lets go of it too.
+    ev(&c, InputEvent::Key { code: keys::KEY_LEFTSHIFT, down: true }).await;
+    wait_for("Shift to be down", 5, || shift_down().then_some(()));
+    drop(c);
+    wait_for("Shift to be let go", 5, || (!shift_down()).then_some(()));
 }
 
 /// Runs a short command with a deadline; its standard output.
