@@ -20,7 +20,7 @@
 //!   pixels, the rest carried over to the next event in the same direction.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{PipeReader, PipeWriter, Read, Write};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -78,6 +78,18 @@ fn send<C: RequestConnection>(what: &str, c: Result<VoidCookie<'_, C>, Connectio
     c.map(drop).map_err(|e| x11_err(what, e))
 }
 
+/// How long a backend thread may take over one command: longer means the X
+/// server is stuck, and the caller (the bridge's control task) must not be.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+async fn answer(rx: oneshot::Receiver<Result<(), DesktopError>>) -> Result<(), DesktopError> {
+    match tokio::time::timeout(ANSWER_WITHIN, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(gone()),
+        Err(_) => Err(DesktopError::Unavailable(format!("x11: no answer within {ANSWER_WITHIN:?}"))),
+    }
+}
+
 struct Inject(InputEvent, oneshot::Sender<Result<(), DesktopError>>);
 struct SetClipboard(Arc<str>, oneshot::Sender<Result<(), DesktopError>>);
 
@@ -85,8 +97,9 @@ struct SetClipboard(Arc<str>, oneshot::Sender<Result<(), DesktopError>>);
 pub struct X11Input {
     input: Option<mpsc::Sender<Inject>>,
     clip: Option<mpsc::Sender<SetClipboard>>,
-    /// Wakes the clipboard thread out of its poll when a command is queued.
-    wake: Option<PipeWriter>,
+    /// Wakes the clipboard thread out of its poll when a command is queued
+    /// (non-blocking: a full pipe already wakes it).
+    wake: Option<OwnedFd>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -98,7 +111,9 @@ impl X11Input {
     pub fn connect(display: Option<&str>, clipboard: ClipboardTx) -> Result<X11Input, DesktopError> {
         let input = InputState::new(display)?;
         let clip = ClipState::new(display, clipboard)?;
-        let (wake_rx, wake_tx) = std::io::pipe().map_err(|e| DesktopError::Io { what: "pipe".into(), source: e })?;
+        let (wake_rx, wake_tx) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK | rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| DesktopError::Io { what: "pipe".into(), source: e.into() })?;
         let (input_tx, input_rx) = mpsc::channel();
         let (clip_tx, clip_rx) = mpsc::channel();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -121,7 +136,7 @@ impl Backend for X11Input {
     async fn inject(&mut self, ev: InputEvent) -> Result<(), DesktopError> {
         let (tx, rx) = oneshot::channel();
         self.input.as_ref().ok_or_else(gone)?.send(Inject(ev, tx)).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        answer(rx).await
     }
 
     async fn set_clipboard(&mut self, text: String) -> Result<(), DesktopError> {
@@ -131,8 +146,8 @@ impl Backend for X11Input {
         let (tx, rx) = oneshot::channel();
         self.clip.as_ref().ok_or_else(gone)?.send(SetClipboard(text.into(), tx)).map_err(|_| gone())?;
         // One byte says "look at the queue"; a full pipe already says so.
-        let _ = self.wake.as_ref().ok_or_else(gone)?.write(&[1]);
-        rx.await.map_err(|_| gone())?
+        let _ = rustix::io::write(self.wake.as_ref().ok_or_else(gone)?, &[1]);
+        answer(rx).await
     }
 }
 
@@ -483,8 +498,8 @@ impl ClipState {
         Ok(s)
     }
 
-    fn run(mut self, rx: mpsc::Receiver<SetClipboard>, mut wake: PipeReader) {
-        match self.serve(&rx, &mut wake) {
+    fn run(mut self, rx: mpsc::Receiver<SetClipboard>, wake: OwnedFd) {
+        match self.serve(&rx, &wake) {
             Ok(()) => tracing::debug!("x11: clipboard stopped"),
             Err(e) => tracing::warn!("x11: clipboard stopped: {e}"),
         }
@@ -492,7 +507,7 @@ impl ClipState {
         // selection with it.
     }
 
-    fn serve(&mut self, rx: &mpsc::Receiver<SetClipboard>, wake: &mut PipeReader) -> Result<(), DesktopError> {
+    fn serve(&mut self, rx: &mpsc::Receiver<SetClipboard>, wake: &OwnedFd) -> Result<(), DesktopError> {
         loop {
             loop {
                 match rx.try_recv() {
@@ -526,7 +541,7 @@ impl ClipState {
             if !fds[1].revents().is_empty() {
                 // Drained here; the queue is read at the top of the loop. EOF
                 // (the backend dropped) shows as a closed queue there too.
-                let _ = wake.read(&mut [0; 64]);
+                let _ = rustix::io::read(wake, &mut [0; 64]);
             }
         }
     }
