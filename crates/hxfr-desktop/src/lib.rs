@@ -14,6 +14,7 @@
 pub mod control;
 pub mod input;
 pub mod keys;
+pub mod x11;
 
 pub use control::{Backend, Control, ControlStats};
 pub use input::{InputEvent, ViewerMessage};
