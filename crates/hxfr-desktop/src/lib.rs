@@ -12,11 +12,15 @@
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 pub mod control;
+pub mod gnome;
+pub mod headless;
 pub mod input;
 pub mod keys;
 pub mod x11;
 
 pub use control::{Backend, Control, ControlStats};
+pub use gnome::{GnomeConfig, GnomeDesktop, GnomeInput};
+pub use headless::{HeadlessConfig, HeadlessDesktop};
 pub use input::{InputEvent, ViewerMessage};
 
 /// Why the desktop could not be reached or driven.
@@ -32,4 +36,26 @@ pub enum DesktopError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0} is not installed: run scripts/install-deps.sh")]
+    NotInstalled(String),
+    #[error("{what} did not come up ({why}){}", tail(log))]
+    NotReady { what: String, why: String, log: String },
+    #[error("{what}: {msg}")]
+    Bus { what: &'static str, msg: String },
+    #[error("{what}: no answer within {after:?}")]
+    Timeout { what: &'static str, after: std::time::Duration },
+}
+
+impl DesktopError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> DesktopError {
+        DesktopError::Io { what: what.into(), source }
+    }
+
+    pub(crate) fn bus(what: &'static str) -> impl FnOnce(zbus::Error) -> DesktopError {
+        move |e| DesktopError::Bus { what, msg: e.to_string() }
+    }
+}
+
+fn tail(log: &str) -> String {
+    if log.is_empty() { String::new() } else { format!("; its output ends with:\n{log}") }
 }
