@@ -50,6 +50,8 @@ struct Shared {
 pub struct GnomeDesktop {
     node: watch::Receiver<Option<u32>>,
     size: watch::Receiver<(u32, u32)>,
+    /// The recorded monitor's connector (`Virtual-1` on virtio-gpu, `Meta-0` headless).
+    connector: String,
     sessions: Arc<AtomicU64>,
     /// Dropping it tells the task to stop the session and end.
     stop: Option<oneshot::Sender<()>>,
@@ -81,6 +83,7 @@ impl GnomeDesktop {
             first.0.size.1,
             first.0.node
         );
+        let connector = first.0.connector.clone();
         let (node_tx, node) = watch::channel(Some(first.0.node));
         let (size_tx, size) = watch::channel(first.0.size);
         let (session_tx, session_rx) = watch::channel(None);
@@ -89,7 +92,7 @@ impl GnomeDesktop {
         let (stop, stop_rx) = oneshot::channel();
         let sup = Supervisor { address, shared: shared.clone(), node: node_tx, size: size_tx, clipboard, sessions: sessions.clone() };
         tokio::spawn(sup.run(first, stop_rx));
-        Ok((GnomeDesktop { node, size, sessions, stop: Some(stop) }, GnomeInput { session: session_rx, shared }))
+        Ok((GnomeDesktop { node, size, connector, sessions, stop: Some(stop) }, GnomeInput { session: session_rx, shared }))
     }
 
     /// The PipeWire node of the monitor's stream; `None` while a new session
@@ -102,6 +105,11 @@ impl GnomeDesktop {
     /// one is being started).
     pub fn size(&self) -> (u32, u32) {
         *self.size.borrow()
+    }
+
+    /// The connector of the monitor the first session recorded.
+    pub fn connector(&self) -> &str {
+        &self.connector
     }
 
     /// How many sessions have been started so far (1, then one more per
