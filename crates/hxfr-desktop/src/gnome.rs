@@ -71,9 +71,9 @@ impl GnomeDesktop {
                 DesktopError::Unavailable("no D-Bus session bus: DBUS_SESSION_BUS_ADDRESS is not set".into())
             })?,
         };
-        let first = tokio::time::timeout(START_TIMEOUT, session::establish(&address))
-            .await
-            .map_err(|_| DesktopError::Timeout { what: "starting a Mutter remote desktop session", after: START_TIMEOUT })??;
+        let first = tokio::time::timeout(START_TIMEOUT, session::establish(&address)).await.map_err(|_| {
+            DesktopError::Timeout { what: "starting a Mutter remote desktop session", after: START_TIMEOUT }
+        })??;
         tracing::info!(
             "gnome: recording {} ({}x{}) as PipeWire node {}",
             first.0.connector,
@@ -85,9 +85,16 @@ impl GnomeDesktop {
         let (size_tx, size) = watch::channel(first.0.size);
         let (session_tx, session_rx) = watch::channel(None);
         let shared = Arc::new(Shared { session: session_tx, ours: Ours::default() });
-        let sessions = Arc::new(AtomicU64::new(0));
+        let sessions = Arc::new(AtomicU64::new(1));
         let (stop, stop_rx) = oneshot::channel();
-        let sup = Supervisor { address, shared: shared.clone(), node: node_tx, size: size_tx, clipboard, sessions: sessions.clone() };
+        let sup = Supervisor {
+            address,
+            shared: shared.clone(),
+            node: node_tx,
+            size: size_tx,
+            clipboard,
+            sessions: sessions.clone(),
+        };
         tokio::spawn(sup.run(first, stop_rx));
         Ok((GnomeDesktop { node, size, sessions, stop: Some(stop) }, GnomeInput { session: session_rx, shared }))
     }
@@ -152,6 +159,7 @@ impl Supervisor {
                     match session::establish(&self.address).await {
                         Ok(s) => {
                             tracing::info!("gnome: new session, PipeWire node {}", s.0.node);
+                            self.sessions.fetch_add(1, Ordering::Relaxed);
                             s
                         }
                         Err(e) => {
@@ -169,7 +177,6 @@ impl Supervisor {
                 tracing::warn!("gnome: offering the clipboard again: {e}");
             }
             let live = Arc::new(live);
-            self.sessions.fetch_add(1, Ordering::Relaxed);
             self.size.send_replace(live.size);
             self.shared.session.send_replace(Some(live.clone()));
             self.node.send_replace(Some(live.node));
@@ -199,6 +206,7 @@ impl Supervisor {
                 _ = s.owner.next() => return Ended::Lost("Mutter left the bus"),
                 Some(sig) = s.selection_owner.next() => {
                     let Ok(args) = sig.args() else { continue };
+                    tracing::debug!("gnome: SelectionOwnerChanged {:?}", args.options);
                     if clipboard::session_is_owner(&args.options) {
                         continue; // our own SetSelection
                     }
@@ -210,6 +218,7 @@ impl Supervisor {
                 }
                 Some(sig) = s.transfer.next() => {
                     let Ok(args) = sig.args() else { continue };
+                    tracing::debug!("gnome: SelectionTransfer {} {}", args.mime_type, args.serial);
                     let ours = self.shared.ours.get();
                     tokio::spawn(clipboard::transfer(live.rd.clone(), ours, args.mime_type, args.serial));
                 }

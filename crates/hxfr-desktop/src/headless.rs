@@ -142,12 +142,15 @@ impl HeadlessDesktop {
         self.spawn_named(&name, cmd)
     }
 
-    /// Stops Mutter and starts it again (apps lose their display and exit):
-    /// what a compositor crash and restart look like to a capturer.
+    /// Kills Mutter and starts it again (apps lose their display and exit):
+    /// a compositor crash and restart, as a capturer sees it. SIGKILL, as in
+    /// a crash (and Mutter 43 does not act on SIGTERM while a remote desktop
+    /// session is running).
     pub async fn restart_compositor(&mut self) -> Result<(), DesktopError> {
         if let Some(i) = self.procs.iter().position(|p| p.name == "mutter") {
             let mut p = self.procs.remove(i);
-            stop_all(std::slice::from_mut(&mut p));
+            let _ = p.child.kill();
+            let _ = p.child.wait();
         }
         self.start_mutter().await
     }
@@ -269,13 +272,7 @@ impl HeadlessDesktop {
 
     /// The end of the last `name` process's output.
     fn log_tail(&self, name: &str) -> String {
-        let Some(p) = self.procs.iter().rev().find(|p| p.name == name) else { return String::new() };
-        let Ok(mut f) = fs::File::open(&p.log) else { return String::new() };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).trim().to_string()
+        self.procs.iter().rev().find(|p| p.name == name).map(|p| tail_of(&p.log)).unwrap_or_default()
     }
 }
 
@@ -306,7 +303,12 @@ fn stop_all(procs: &mut [Proc]) {
                 Ok(Some(_)) | Err(_) => break,
                 Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
                 Ok(None) => {
-                    tracing::warn!("headless desktop: {} ({}) ignored SIGTERM; killing it", p.name, p.child.id());
+                    tracing::warn!(
+                        "headless desktop: {} ({}) ignored SIGTERM; killing it. Its output ends with:\n{}",
+                        p.name,
+                        p.child.id(),
+                        tail_of(&p.log)
+                    );
                     let _ = p.child.kill();
                     let _ = p.child.wait();
                     break;
@@ -314,6 +316,15 @@ fn stop_all(procs: &mut [Proc]) {
             }
         }
     }
+}
+
+fn tail_of(log: &Path) -> String {
+    let Ok(mut f) = fs::File::open(log) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_string()
 }
 
 fn terminate(child: &Child) {

@@ -71,8 +71,18 @@ async fn write(rd: &RdSessionProxy<'static>, serial: u32, text: &str) -> Result<
 
 /// The text type to read from an owner that offers `options["mime-types"]`.
 pub fn text_mime(options: &Dict) -> Option<String> {
-    let offered: Vec<String> = options.get("mime-types")?.try_clone().ok()?.try_into().ok()?;
+    let offered = mime_types(options.get("mime-types")?);
     OFFER.iter().find(|m| offered.iter().any(|o| o == *m)).map(|m| m.to_string())
+}
+
+/// The documented `as`, or the `(as)` Mutter 43 actually sends.
+fn mime_types(v: &Value<'_>) -> Vec<String> {
+    match v {
+        Value::Value(inner) => mime_types(inner),
+        Value::Structure(s) => s.fields().first().map(mime_types).unwrap_or_default(),
+        Value::Array(a) => a.iter().filter_map(|m| <&str>::try_from(m).ok().map(String::from)).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Whether the new owner is this session itself (our own SetSelection).

@@ -101,12 +101,11 @@ pub fn pick_monitor(monitors: &[Monitor], logical: &[LogicalMonitor]) -> Option<
     let primary = logical.iter().find(|l| l.4).and_then(|l| l.5.first()).map(|s| s.0.as_str());
     let m = monitors.iter().find(|m| Some(m.0.0.as_str()) == primary).or_else(|| monitors.first())?;
     let flag = |mode: &Mode, key: &str| mode.6.get(key).and_then(|v| bool::try_from(v).ok()).unwrap_or(false);
-    let mode = m
-        .1
-        .iter()
-        .find(|mode| flag(mode, "is-current"))
-        .or_else(|| m.1.iter().find(|mode| flag(mode, "is-preferred")))
-        .or_else(|| m.1.first())?;
+    let mode =
+        m.1.iter()
+            .find(|mode| flag(mode, "is-current"))
+            .or_else(|| m.1.iter().find(|mode| flag(mode, "is-preferred")))
+            .or_else(|| m.1.first())?;
     let w = u32::try_from(mode.1).ok().filter(|w| *w > 0)?;
     let h = u32::try_from(mode.2).ok().filter(|h| *h > 0)?;
     Some((m.0.0.clone(), (w, h)))
