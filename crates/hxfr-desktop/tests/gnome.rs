@@ -91,6 +91,23 @@ impl Frame {
     }
 }
 
+impl Frame {
+    /// The box around white pixels: the cursor's outline (Mutter's gradient
+    /// has none).
+    fn cursor(&self) -> Option<(usize, usize, usize, usize)> {
+        let mut b: Option<(usize, usize, usize, usize)> = None;
+        for y in 0..self.h {
+            for x in 0..self.w {
+                if self.px(x, y).iter().all(|c| *c >= 250) {
+                    let (x0, y0, x1, y1) = b.unwrap_or((x, y, x, y));
+                    b = Some((x0.min(x), y0.min(y), x1.max(x), y1.max(y)));
+                }
+            }
+        }
+        b
+    }
+}
+
 /// `pipewiresrc` on the session's own PipeWire, the way the bridge reads it.
 struct Capture {
     pipeline: gst::Pipeline,
@@ -311,6 +328,35 @@ async fn shift_makes_capitals() {
     send_all(&c, keystrokes(&format!("echo X{tok}_ > {}\n", out.as_str())));
     wait_for_file(&out.0, &format!("X{tok}_"), deadline).await;
     eprintln!("shift test: {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pointer_lands_where_the_viewer_points() {
+    init();
+    let _one = ONE_AT_A_TIME.lock().await;
+    let t0 = Instant::now();
+    let d = desktop(&[]).await;
+    let (g, input, clip) = gnome(&d).await;
+    let cap = Capture::new(&d, g.node().borrow().expect("a node"));
+    let c = Control::spawn(input, clip);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (fx, fy) in [(0.25, 0.75), (0.8, 0.2)] {
+        send_all(&c, [InputEvent::Pointer { x: fx, y: fy }]);
+        let (px, py) = ((fx * W as f64) as usize, (fy * H as f64) as usize);
+        // The hotspot is the arrow's tip: the cursor lies below and right of it.
+        let near = |(x0, y0, x1, y1): (usize, usize, usize, usize)| {
+            x0 + 4 >= px && y0 + 4 >= py && x1 <= px + 48 && y1 <= py + 48
+        };
+        let mut seen = None;
+        loop {
+            let f = cap.frame(deadline).unwrap_or_else(|| panic!("no cursor near {px},{py}; last seen at {seen:?}"));
+            seen = f.cursor();
+            if seen.is_some_and(near) {
+                break;
+            }
+        }
+    }
+    eprintln!("pointer test: {:?}", t0.elapsed());
 }
 
 /// Runs a Wayland client in the session and returns its stdout.
