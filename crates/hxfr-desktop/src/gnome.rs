@@ -53,6 +53,7 @@ pub struct GnomeDesktop {
     sessions: Arc<AtomicU64>,
     /// Dropping it tells the task to stop the session and end.
     stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Input into the current session of a [`GnomeDesktop`].
@@ -95,8 +96,9 @@ impl GnomeDesktop {
             clipboard,
             sessions: sessions.clone(),
         };
-        tokio::spawn(sup.run(first, stop_rx));
-        Ok((GnomeDesktop { node, size, sessions, stop: Some(stop) }, GnomeInput { session: session_rx, shared }))
+        let task = tokio::spawn(sup.run(first, stop_rx));
+        let desktop = GnomeDesktop { node, size, sessions, stop: Some(stop), task: Some(task) };
+        Ok((desktop, GnomeInput { session: session_rx, shared }))
     }
 
     /// The PipeWire node of the monitor's stream; `None` while a new session
@@ -109,6 +111,18 @@ impl GnomeDesktop {
     /// one is being started).
     pub fn size(&self) -> (u32, u32) {
         *self.size.borrow()
+    }
+
+    /// Stops the session and waits until Mutter has it closed (dropping
+    /// does the same without waiting). Mutter 43 does not exit on SIGTERM
+    /// while a session runs: stop it before stopping Mutter.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(session::CALL_TIMEOUT, task).await;
+        }
     }
 
     /// How many sessions have been started so far (1, then one more per

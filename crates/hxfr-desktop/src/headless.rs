@@ -21,7 +21,7 @@ use crate::DesktopError;
 /// second on these machines; a loaded 2-core box needs more).
 const READY: Duration = Duration::from_secs(20);
 /// How long a child has between SIGTERM and SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(3);
+const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How much of a child's stderr an error quotes.
 const TAIL: u64 = 2048;
 /// Bus names Mutter owns once its D-Bus APIs are up.
@@ -289,19 +289,20 @@ impl Drop for HeadlessDesktop {
     }
 }
 
-/// SIGTERM to each, a bounded wait, then SIGKILL for the rest; all reaped.
+/// One at a time, in the order given: SIGTERM, a bounded wait, then SIGKILL;
+/// each reaped. One at a time because Mutter hangs on SIGTERM when PipeWire
+/// goes away under it at the same moment (and its clients with it).
 fn stop_all(procs: &mut [Proc]) {
     for p in procs.iter_mut() {
-        if matches!(p.child.try_wait(), Ok(None)) {
-            terminate(&p.child);
+        if !matches!(p.child.try_wait(), Ok(None)) {
+            continue;
         }
-    }
-    let deadline = Instant::now() + STOP_GRACE;
-    for p in procs.iter_mut() {
+        terminate(&p.child);
+        let deadline = Instant::now() + STOP_GRACE;
         loop {
             match p.child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
                 Ok(None) => {
                     tracing::warn!(
                         "headless desktop: {} ({}) ignored SIGTERM; killing it. Its output ends with:\n{}",

@@ -281,8 +281,11 @@ async fn capture_yields_frames_of_the_desktop_and_everything_stops_after() {
         assert!(names.contains(&want), "{want} is not running: {names:?}");
     }
     let dir = d.runtime_dir().to_owned();
-    drop(g);
+    g.stop().await;
+    let t = Instant::now();
     drop(d);
+    // Each stops on SIGTERM (not after the wait for SIGKILL).
+    assert!(t.elapsed() < Duration::from_secs(1), "stopping the desktop took {:?}", t.elapsed());
     for (name, pid) in pids {
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{name} ({pid}) outlived the desktop");
     }
@@ -307,6 +310,7 @@ async fn typing_into_a_terminal_runs_the_command() {
     let tok = token();
     send_all(&c, keystrokes(&format!("echo {tok} > {}\n", out.as_str())));
     wait_for_file(&out.0, &tok, deadline).await;
+    g.stop().await;
     eprintln!("typing test: {:?}", t0.elapsed());
 }
 
@@ -327,6 +331,7 @@ async fn shift_makes_capitals() {
     let tok: String = token().chars().map(|c| (b'A' + (c.to_digit(16).unwrap_or(0) as u8)) as char).collect();
     send_all(&c, keystrokes(&format!("echo X{tok}_ > {}\n", out.as_str())));
     wait_for_file(&out.0, &format!("X{tok}_"), deadline).await;
+    g.stop().await;
     eprintln!("shift test: {:?}", t0.elapsed());
 }
 
@@ -356,6 +361,8 @@ async fn the_pointer_lands_where_the_viewer_points() {
             }
         }
     }
+    drop(c);
+    g.stop().await;
     eprintln!("pointer test: {:?}", t0.elapsed());
 }
 
@@ -371,7 +378,7 @@ async fn clipboard_goes_both_ways() {
     let _one = ONE_AT_A_TIME.lock().await;
     let t0 = Instant::now();
     let mut d = desktop(&[&["foot", "sh"]]).await;
-    let (_g, input, clip) = gnome(&d).await;
+    let (g, input, clip) = gnome(&d).await;
     let c = Control::spawn(input, clip);
     let mut rx = c.clipboard();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -401,6 +408,7 @@ async fn clipboard_goes_both_ways() {
     .map(|r| r.is_ok());
     let now = rx.borrow().clone();
     assert!(matches!(got, Ok(true)), "the viewer's clipboard is {now:?}, not {theirs:?}");
+    g.stop().await;
     eprintln!("clipboard test: {:?}", t0.elapsed());
 }
 
@@ -434,5 +442,6 @@ async fn a_restarted_compositor_gets_a_new_session() {
     input.inject(InputEvent::Pointer { x: 0.5, y: 0.5 }).await.expect("pointer into the new session");
     input.inject(InputEvent::Key { code: KEY_LEFTSHIFT, down: true }).await.expect("a key");
     input.inject(InputEvent::Key { code: KEY_LEFTSHIFT, down: false }).await.expect("a key");
+    g.stop().await;
     eprintln!("restart test: {:?}", t0.elapsed());
 }
