@@ -162,6 +162,35 @@ impl Capture {
     }
 }
 
+impl Capture {
+    /// A frame once the picture has stopped changing (the same twice, 300 ms
+    /// apart).
+    fn settled(&self, deadline: Instant) -> Frame {
+        let mut last = self.frame(deadline).expect("a frame");
+        loop {
+            let pause = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < pause {
+                self.frame(deadline).expect("a frame");
+            }
+            let f = self.frame(deadline).expect("a frame");
+            if f.data == last.data {
+                return f;
+            }
+            last = f;
+        }
+    }
+
+    /// The first frame for which `ok` holds.
+    fn until(&self, deadline: Instant, what: &str, ok: impl Fn(&Frame) -> bool) -> Frame {
+        loop {
+            let f = self.frame(deadline).unwrap_or_else(|| panic!("{what}: not by the deadline"));
+            if ok(&f) {
+                return f;
+            }
+        }
+    }
+}
+
 impl Drop for Capture {
     fn drop(&mut self) {
         let _ = self.pipeline.set_state(gst::State::Null);
@@ -195,6 +224,7 @@ fn keystrokes(text: &str) -> Vec<InputEvent> {
             '/' => ("Slash".into(), false),
             '-' => ("Minus".into(), false),
             '_' => ("Minus".into(), true),
+            ';' => ("Semicolon".into(), false),
             _ => panic!("no key for {c:?}"),
         };
         let code = evdev_code(&name).expect("a key");
@@ -364,6 +394,37 @@ async fn the_pointer_lands_where_the_viewer_points() {
     drop(c);
     g.stop().await;
     eprintln!("pointer test: {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wheel_and_smooth_scrolling_scroll_the_terminal() {
+    init();
+    let _one = ONE_AT_A_TIME.lock().await;
+    let t0 = Instant::now();
+    let d = desktop(&[&["foot", "sh"]]).await;
+    let (g, input, clip) = gnome(&d).await;
+    let cap = Capture::new(&d, g.node().borrow().expect("a node"));
+    let c = Control::spawn(input, clip);
+    let deadline = Instant::now() + Duration::from_secs(25);
+
+    // Enough lines for a scrollback, and a file that says they are out.
+    click_into_window(&c, &cap, deadline);
+    let done = Scratch::new("scrolled");
+    send_all(&c, keystrokes(&format!("seq 1 300 ; echo done > {}\n", done.as_str())));
+    wait_for_file(&done.0, "done", deadline).await;
+    let bottom = cap.settled(deadline);
+
+    // Three clicks up show older lines; smooth scrolling down (pixels) goes
+    // back to the bottom, the very same picture.
+    send_all(&c, [InputEvent::Wheel { dx: 0, dy: -3 }]);
+    cap.until(deadline, "the picture changes after the wheel", |f| f.data != bottom.data);
+    cap.settled(deadline);
+    for _ in 0..10 {
+        send_all(&c, [InputEvent::Scroll { dx: 0.0, dy: 100.0 }]);
+    }
+    cap.until(deadline, "back at the bottom after scrolling down", |f| f.data == bottom.data);
+    g.stop().await;
+    eprintln!("scroll test: {:?}", t0.elapsed());
 }
 
 /// Runs a Wayland client in the session and returns its stdout.
