@@ -70,6 +70,11 @@ impl HeadlessDesktop {
     /// RemoteDesktop APIs answer and its Wayland socket is there (the apps
     /// are started but not waited for).
     pub async fn start(cfg: HeadlessConfig) -> Result<HeadlessDesktop, DesktopError> {
+        // Mutter starts with a 0x0 monitor, which shows nothing: refuse it here.
+        if !(1..=16384).contains(&cfg.width) || !(1..=16384).contains(&cfg.height) {
+            let (w, h) = (cfg.width, cfg.height);
+            return Err(DesktopError::Unavailable(format!("a {w}x{h} monitor: each side must be 1 to 16384 pixels")));
+        }
         for bin in ["dbus-daemon", "pipewire", "wireplumber", "mutter"] {
             if find_in_path(bin).is_none() {
                 return Err(DesktopError::NotInstalled(bin.into()));

@@ -427,6 +427,13 @@ async fn the_wheel_and_smooth_scrolling_scroll_the_terminal() {
     eprintln!("scroll test: {:?}", t0.elapsed());
 }
 
+#[tokio::test]
+async fn a_monitor_of_no_pixels_is_refused_before_anything_starts() {
+    let cfg = HeadlessConfig { width: 0, height: 720, apps: vec![] };
+    let e = HeadlessDesktop::start(cfg).await.expect_err("a 0x720 monitor");
+    assert!(e.to_string().contains("0x720"), "{e}");
+}
+
 /// Runs a Wayland client in the session and returns its stdout.
 fn run_in(d: &HeadlessDesktop, cmd: &[&str]) -> Option<String> {
     let out = Command::new("timeout").arg("3").args(cmd).envs(d.env()).output().ok()?;

@@ -120,3 +120,31 @@ async fn read_text(rd: &RdSessionProxy<'static>, mime: &str) -> Result<String, D
     }
     String::from_utf8(buf).map_err(|_| DesktopError::Rejected("clipboard text is not UTF-8".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::zvariant::OwnedValue;
+
+    fn dict(k: &str, v: Value<'_>) -> Dict {
+        [(k.to_string(), OwnedValue::try_from(v).expect("owned"))].into()
+    }
+
+    #[test]
+    fn mime_types_as_documented_and_as_mutter_43_sends_them() {
+        let plain = dict("mime-types", Value::from(vec!["image/png", "text/plain"]));
+        assert_eq!(text_mime(&plain).as_deref(), Some("text/plain"));
+        let wrapped = dict("mime-types", Value::from((vec!["UTF8_STRING", "text/plain;charset=utf-8"],)));
+        assert_eq!(text_mime(&wrapped).as_deref(), Some("text/plain;charset=utf-8"));
+        assert_eq!(text_mime(&dict("mime-types", Value::from(vec!["image/png"]))), None);
+        assert_eq!(text_mime(&dict("mime-types", Value::from(7u32))), None);
+        assert_eq!(text_mime(&Dict::new()), None);
+    }
+
+    #[test]
+    fn session_is_owner_defaults_to_no() {
+        assert!(session_is_owner(&dict("session-is-owner", Value::from(true))));
+        assert!(!session_is_owner(&dict("session-is-owner", Value::from("yes"))));
+        assert!(!session_is_owner(&Dict::new()));
+    }
+}
