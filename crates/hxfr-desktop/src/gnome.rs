@@ -170,7 +170,11 @@ impl Supervisor {
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
-                    match session::establish(&self.address).await {
+                    let attempt = tokio::select! {
+                        _ = &mut stop => return,
+                        r = session::establish(&self.address) => r,
+                    };
+                    match attempt {
                         Ok(s) => {
                             tracing::info!("gnome: new session, PipeWire node {}", s.0.node);
                             self.sessions.fetch_add(1, Ordering::Relaxed);
@@ -191,9 +195,10 @@ impl Supervisor {
                 tracing::warn!("gnome: offering the clipboard again: {e}");
             }
             let live = Arc::new(live);
-            self.size.send_replace(live.size);
+            self.size.send_if_modified(|s| std::mem::replace(s, live.size) != live.size);
             self.shared.session.send_replace(Some(live.clone()));
-            self.node.send_replace(Some(live.node));
+            // Only a change is news: the first session's node is there from the start.
+            self.node.send_if_modified(|n| n.replace(live.node) != Some(live.node));
 
             let ended = self.serve(&live, signals, &mut stop).await;
             self.node.send_replace(None);
