@@ -55,6 +55,7 @@ pub struct GnomeDesktop {
     sessions: Arc<AtomicU64>,
     /// Dropping it tells the task to stop the session and end.
     stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Input into the current session of a [`GnomeDesktop`].
@@ -73,9 +74,9 @@ impl GnomeDesktop {
                 DesktopError::Unavailable("no D-Bus session bus: DBUS_SESSION_BUS_ADDRESS is not set".into())
             })?,
         };
-        let first = tokio::time::timeout(START_TIMEOUT, session::establish(&address))
-            .await
-            .map_err(|_| DesktopError::Timeout { what: "starting a Mutter remote desktop session", after: START_TIMEOUT })??;
+        let first = tokio::time::timeout(START_TIMEOUT, session::establish(&address)).await.map_err(|_| {
+            DesktopError::Timeout { what: "starting a Mutter remote desktop session", after: START_TIMEOUT }
+        })??;
         tracing::info!(
             "gnome: recording {} ({}x{}) as PipeWire node {}",
             first.0.connector,
@@ -88,11 +89,19 @@ impl GnomeDesktop {
         let (size_tx, size) = watch::channel(first.0.size);
         let (session_tx, session_rx) = watch::channel(None);
         let shared = Arc::new(Shared { session: session_tx, ours: Ours::default() });
-        let sessions = Arc::new(AtomicU64::new(0));
+        let sessions = Arc::new(AtomicU64::new(1));
         let (stop, stop_rx) = oneshot::channel();
-        let sup = Supervisor { address, shared: shared.clone(), node: node_tx, size: size_tx, clipboard, sessions: sessions.clone() };
-        tokio::spawn(sup.run(first, stop_rx));
-        Ok((GnomeDesktop { node, size, connector, sessions, stop: Some(stop) }, GnomeInput { session: session_rx, shared }))
+        let sup = Supervisor {
+            address,
+            shared: shared.clone(),
+            node: node_tx,
+            size: size_tx,
+            clipboard,
+            sessions: sessions.clone(),
+        };
+        let task = tokio::spawn(sup.run(first, stop_rx));
+        let desktop = GnomeDesktop { node, size, connector, sessions, stop: Some(stop), task: Some(task) };
+        Ok((desktop, GnomeInput { session: session_rx, shared }))
     }
 
     /// The PipeWire node of the monitor's stream; `None` while a new session
@@ -110,6 +119,18 @@ impl GnomeDesktop {
     /// The connector of the monitor the first session recorded.
     pub fn connector(&self) -> &str {
         &self.connector
+    }
+
+    /// Stops the session and waits until Mutter has it closed (dropping
+    /// does the same without waiting). Mutter 43 does not exit on SIGTERM
+    /// while a session runs: stop it before stopping Mutter.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(session::CALL_TIMEOUT, task).await;
+        }
     }
 
     /// How many sessions have been started so far (1, then one more per
@@ -157,9 +178,14 @@ impl Supervisor {
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
-                    match session::establish(&self.address).await {
+                    let attempt = tokio::select! {
+                        _ = &mut stop => return,
+                        r = session::establish(&self.address) => r,
+                    };
+                    match attempt {
                         Ok(s) => {
                             tracing::info!("gnome: new session, PipeWire node {}", s.0.node);
+                            self.sessions.fetch_add(1, Ordering::Relaxed);
                             s
                         }
                         Err(e) => {
@@ -177,10 +203,10 @@ impl Supervisor {
                 tracing::warn!("gnome: offering the clipboard again: {e}");
             }
             let live = Arc::new(live);
-            self.sessions.fetch_add(1, Ordering::Relaxed);
-            self.size.send_replace(live.size);
+            self.size.send_if_modified(|s| std::mem::replace(s, live.size) != live.size);
             self.shared.session.send_replace(Some(live.clone()));
-            self.node.send_replace(Some(live.node));
+            // Only a change is news: the first session's node is there from the start.
+            self.node.send_if_modified(|n| n.replace(live.node) != Some(live.node));
 
             let ended = self.serve(&live, signals, &mut stop).await;
             self.node.send_replace(None);
@@ -207,6 +233,7 @@ impl Supervisor {
                 _ = s.owner.next() => return Ended::Lost("Mutter left the bus"),
                 Some(sig) = s.selection_owner.next() => {
                     let Ok(args) = sig.args() else { continue };
+                    tracing::debug!("gnome: SelectionOwnerChanged {:?}", args.options);
                     if clipboard::session_is_owner(&args.options) {
                         continue; // our own SetSelection
                     }
@@ -218,6 +245,7 @@ impl Supervisor {
                 }
                 Some(sig) = s.transfer.next() => {
                     let Ok(args) = sig.args() else { continue };
+                    tracing::debug!("gnome: SelectionTransfer {} {}", args.mime_type, args.serial);
                     let ours = self.shared.ours.get();
                     tokio::spawn(clipboard::transfer(live.rd.clone(), ours, args.mime_type, args.serial));
                 }

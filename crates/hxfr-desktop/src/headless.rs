@@ -21,7 +21,7 @@ use crate::DesktopError;
 /// second on these machines; a loaded 2-core box needs more).
 const READY: Duration = Duration::from_secs(20);
 /// How long a child has between SIGTERM and SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(3);
+const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How much of a child's stderr an error quotes.
 const TAIL: u64 = 2048;
 /// Bus names Mutter owns once its D-Bus APIs are up.
@@ -70,6 +70,11 @@ impl HeadlessDesktop {
     /// RemoteDesktop APIs answer and its Wayland socket is there (the apps
     /// are started but not waited for).
     pub async fn start(cfg: HeadlessConfig) -> Result<HeadlessDesktop, DesktopError> {
+        // Mutter starts with a 0x0 monitor, which shows nothing: refuse it here.
+        if !(1..=16384).contains(&cfg.width) || !(1..=16384).contains(&cfg.height) {
+            let (w, h) = (cfg.width, cfg.height);
+            return Err(DesktopError::Unavailable(format!("a {w}x{h} monitor: each side must be 1 to 16384 pixels")));
+        }
         for bin in ["dbus-daemon", "pipewire", "wireplumber", "mutter"] {
             if find_in_path(bin).is_none() {
                 return Err(DesktopError::NotInstalled(bin.into()));
@@ -142,12 +147,15 @@ impl HeadlessDesktop {
         self.spawn_named(&name, cmd)
     }
 
-    /// Stops Mutter and starts it again (apps lose their display and exit):
-    /// what a compositor crash and restart look like to a capturer.
+    /// Kills Mutter and starts it again (apps lose their display and exit):
+    /// a compositor crash and restart, as a capturer sees it. SIGKILL, as in
+    /// a crash (and Mutter 43 does not act on SIGTERM while a remote desktop
+    /// session is running).
     pub async fn restart_compositor(&mut self) -> Result<(), DesktopError> {
         if let Some(i) = self.procs.iter().position(|p| p.name == "mutter") {
             let mut p = self.procs.remove(i);
-            stop_all(std::slice::from_mut(&mut p));
+            let _ = p.child.kill();
+            let _ = p.child.wait();
         }
         self.start_mutter().await
     }
@@ -269,13 +277,7 @@ impl HeadlessDesktop {
 
     /// The end of the last `name` process's output.
     fn log_tail(&self, name: &str) -> String {
-        let Some(p) = self.procs.iter().rev().find(|p| p.name == name) else { return String::new() };
-        let Ok(mut f) = fs::File::open(&p.log) else { return String::new() };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).trim().to_string()
+        self.procs.iter().rev().find(|p| p.name == name).map(|p| tail_of(&p.log)).unwrap_or_default()
     }
 }
 
@@ -292,21 +294,27 @@ impl Drop for HeadlessDesktop {
     }
 }
 
-/// SIGTERM to each, a bounded wait, then SIGKILL for the rest; all reaped.
+/// One at a time, in the order given: SIGTERM, a bounded wait, then SIGKILL;
+/// each reaped. One at a time because Mutter hangs on SIGTERM when PipeWire
+/// goes away under it at the same moment (and its clients with it).
 fn stop_all(procs: &mut [Proc]) {
     for p in procs.iter_mut() {
-        if matches!(p.child.try_wait(), Ok(None)) {
-            terminate(&p.child);
+        if !matches!(p.child.try_wait(), Ok(None)) {
+            continue;
         }
-    }
-    let deadline = Instant::now() + STOP_GRACE;
-    for p in procs.iter_mut() {
+        terminate(&p.child);
+        let deadline = Instant::now() + STOP_GRACE;
         loop {
             match p.child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
                 Ok(None) => {
-                    tracing::warn!("headless desktop: {} ({}) ignored SIGTERM; killing it", p.name, p.child.id());
+                    tracing::warn!(
+                        "headless desktop: {} ({}) ignored SIGTERM; killing it. Its output ends with:\n{}",
+                        p.name,
+                        p.child.id(),
+                        tail_of(&p.log)
+                    );
                     let _ = p.child.kill();
                     let _ = p.child.wait();
                     break;
@@ -314,6 +322,15 @@ fn stop_all(procs: &mut [Proc]) {
             }
         }
     }
+}
+
+fn tail_of(log: &Path) -> String {
+    let Ok(mut f) = fs::File::open(log) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_string()
 }
 
 fn terminate(child: &Child) {

@@ -8,6 +8,10 @@
 //! Mutter's RemoteDesktop API for GNOME, XTest for X11, none for the test
 //! pattern. A backend that sees the desktop's clipboard change publishes the
 //! text back the same way.
+//!
+//! [`gnome::GnomeDesktop`] keeps a Mutter remote desktop session (and the
+//! PipeWire node of its monitor's screencast) going; [`headless`] starts a
+//! private headless Mutter for tests and `hxfr demo`.
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 

@@ -71,8 +71,18 @@ async fn write(rd: &RdSessionProxy<'static>, serial: u32, text: &str) -> Result<
 
 /// The text type to read from an owner that offers `options["mime-types"]`.
 pub fn text_mime(options: &Dict) -> Option<String> {
-    let offered: Vec<String> = options.get("mime-types")?.try_clone().ok()?.try_into().ok()?;
+    let offered = mime_types(options.get("mime-types")?);
     OFFER.iter().find(|m| offered.iter().any(|o| o == *m)).map(|m| m.to_string())
+}
+
+/// The documented `as`, or the `(as)` Mutter 43 actually sends.
+fn mime_types(v: &Value<'_>) -> Vec<String> {
+    match v {
+        Value::Value(inner) => mime_types(inner),
+        Value::Structure(s) => s.fields().first().map(mime_types).unwrap_or_default(),
+        Value::Array(a) => a.iter().filter_map(|m| <&str>::try_from(m).ok().map(String::from)).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Whether the new owner is this session itself (our own SetSelection).
@@ -109,4 +119,32 @@ async fn read_text(rd: &RdSessionProxy<'static>, mime: &str) -> Result<String, D
         return Err(DesktopError::Rejected(format!("clipboard text over the {CLIPBOARD_MAX}-byte limit")));
     }
     String::from_utf8(buf).map_err(|_| DesktopError::Rejected("clipboard text is not UTF-8".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::zvariant::OwnedValue;
+
+    fn dict(k: &str, v: Value<'_>) -> Dict {
+        [(k.to_string(), OwnedValue::try_from(v).expect("owned"))].into()
+    }
+
+    #[test]
+    fn mime_types_as_documented_and_as_mutter_43_sends_them() {
+        let plain = dict("mime-types", Value::from(vec!["image/png", "text/plain"]));
+        assert_eq!(text_mime(&plain).as_deref(), Some("text/plain"));
+        let wrapped = dict("mime-types", Value::from((vec!["UTF8_STRING", "text/plain;charset=utf-8"],)));
+        assert_eq!(text_mime(&wrapped).as_deref(), Some("text/plain;charset=utf-8"));
+        assert_eq!(text_mime(&dict("mime-types", Value::from(vec!["image/png"]))), None);
+        assert_eq!(text_mime(&dict("mime-types", Value::from(7u32))), None);
+        assert_eq!(text_mime(&Dict::new()), None);
+    }
+
+    #[test]
+    fn session_is_owner_defaults_to_no() {
+        assert!(session_is_owner(&dict("session-is-owner", Value::from(true))));
+        assert!(!session_is_owner(&dict("session-is-owner", Value::from("yes"))));
+        assert!(!session_is_owner(&Dict::new()));
+    }
 }

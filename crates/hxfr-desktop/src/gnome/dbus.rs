@@ -101,13 +101,45 @@ pub fn pick_monitor(monitors: &[Monitor], logical: &[LogicalMonitor]) -> Option<
     let primary = logical.iter().find(|l| l.4).and_then(|l| l.5.first()).map(|s| s.0.as_str());
     let m = monitors.iter().find(|m| Some(m.0.0.as_str()) == primary).or_else(|| monitors.first())?;
     let flag = |mode: &Mode, key: &str| mode.6.get(key).and_then(|v| bool::try_from(v).ok()).unwrap_or(false);
-    let mode = m
-        .1
-        .iter()
-        .find(|mode| flag(mode, "is-current"))
-        .or_else(|| m.1.iter().find(|mode| flag(mode, "is-preferred")))
-        .or_else(|| m.1.first())?;
+    let mode =
+        m.1.iter()
+            .find(|mode| flag(mode, "is-current"))
+            .or_else(|| m.1.iter().find(|mode| flag(mode, "is-preferred")))
+            .or_else(|| m.1.first())?;
     let w = u32::try_from(mode.1).ok().filter(|w| *w > 0)?;
     let h = u32::try_from(mode.2).ok().filter(|h| *h > 0)?;
     Some((m.0.0.clone(), (w, h)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(w: i32, h: i32, current: bool) -> Mode {
+        let props: Dict = [("is-current".to_string(), OwnedValue::from(current))].into();
+        (format!("{w}x{h}"), w, h, 60.0, 1.0, vec![1.0], props)
+    }
+
+    fn spec(c: &str) -> MonitorSpec {
+        (c.into(), "v".into(), "p".into(), "s".into())
+    }
+
+    #[test]
+    fn the_primary_monitor_at_its_current_mode() {
+        let monitors = vec![
+            (spec("Meta-0"), vec![mode(800, 600, true)], Dict::new()),
+            (spec("Meta-1"), vec![mode(1920, 1080, false), mode(1280, 720, true)], Dict::new()),
+        ];
+        let logical = vec![
+            (0, 0, 1.0, 0, false, vec![spec("Meta-0")], Dict::new()),
+            (800, 0, 1.0, 0, true, vec![spec("Meta-1")], Dict::new()),
+        ];
+        assert_eq!(pick_monitor(&monitors, &logical), Some(("Meta-1".into(), (1280, 720))));
+        // No primary: the first monitor.
+        assert_eq!(pick_monitor(&monitors, &[]), Some(("Meta-0".into(), (800, 600))));
+        // Nothing usable: none, not a panic.
+        assert_eq!(pick_monitor(&[], &logical), None);
+        assert_eq!(pick_monitor(&[(spec("X"), vec![mode(-1, 600, true)], Dict::new())], &[]), None);
+        assert_eq!(pick_monitor(&[(spec("X"), vec![], Dict::new())], &[]), None);
+    }
 }
