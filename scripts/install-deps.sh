@@ -19,6 +19,10 @@ PKGS=(
   # (QEMU itself comes from bookworm-backports, below), and a private D-Bus
   # bus for QEMU's D-Bus display (scanout hot-plug)
   busybox-static cpio dbus-daemon
+  # the desktop: a headless GNOME compositor, its PipeWire, a Wayland terminal
+  # for `make demo` and the input tests; an X terminal and clipboard tools for
+  # the X11 ones
+  mutter pipewire wireplumber foot dbus-x11 xterm xclip wl-clipboard
 )
 
 # QEMU 10 from bookworm-backports: bookworm's 7.2 refuses vhost-user-gpu-pci

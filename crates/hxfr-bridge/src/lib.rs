@@ -13,10 +13,12 @@
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 pub mod access;
+pub mod desktop;
 pub mod h264_level;
 pub mod helix;
 pub mod helix_ws;
 pub mod hub;
+pub mod input;
 pub mod pipeline;
 /// The `hxfr stream` client: watches a bridge as a viewer would and reports what arrives.
 pub mod probe;
@@ -28,6 +30,7 @@ pub mod wire;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use gst::prelude::*;
@@ -61,6 +64,10 @@ pub struct BridgeConfig {
     pub limits: access::Limits,
     /// Root of the sysfs tree the GPU vendor is read from.
     pub sysfs: PathBuf,
+    /// No viewer's input reaches the desktop (`--view-only`).
+    pub view_only: bool,
+    /// Where `--source gnome` finds Mutter and PipeWire (defaults: the session's).
+    pub desktop: desktop::DesktopConfig,
 }
 
 impl Default for BridgeConfig {
@@ -81,6 +88,8 @@ impl Default for BridgeConfig {
             allow_hosts: Vec::new(),
             limits: access::Limits::default(),
             sysfs: "/sys".into(),
+            view_only: false,
+            desktop: desktop::DesktopConfig::default(),
         }
     }
 }
@@ -94,7 +103,11 @@ pub struct Bridge {
     pub helix: Arc<helix_ws::Counters>,
     /// The `Host`/`Origin` rules and their refusal counts.
     pub access: Arc<access::Access>,
+    /// Viewers' input: whether it reaches the desktop, and what was refused.
+    pub input: Arc<input::InputGate>,
     feed: Feed,
+    /// Held for the bridge's life: the GNOME session, the input backend.
+    desktop: desktop::Desktop,
     server: tokio::task::JoinHandle<()>,
     token: Option<String>,
 }
@@ -116,57 +129,64 @@ impl Bridge {
             }
         }
         let hub = Arc::new(hub::Hub::default());
+        // The desktop first: a GNOME session names the PipeWire node to capture.
+        let desktop = desktop::Desktop::start(&cfg.source, &cfg.desktop).await?;
         let (choice, feed) = match &cfg.source {
             Source::Scanout(id) => {
                 if cfg.encoder != "auto" {
                     warn!("--encoder {} is ignored: with --source scanout:{id} the host encodes", cfg.encoder);
                 }
-                let host: hxfr_guest::HostAddr = cfg
-                    .host_encoder
-                    .parse()
-                    .map_err(|e: hxfr_proto::AddrError| anyhow::anyhow!("--host-encoder {e}"))?;
+                let host = host_addr(&cfg)?;
                 let choice = Choice {
                     element: SCANOUT_ENCODER.into(),
                     reason: format!("the host encodes scanout {id} on every flip and pushes it ({host})"),
                 };
-                let sub = scanout::Subscription::start(
-                    scanout::ScanoutConfig {
-                        scanout_id: *id,
-                        host,
-                        enable: cfg.enable_scanout.then_some((cfg.width, cfg.height)),
-                        width: cfg.width,
-                        height: cfg.height,
-                        bitrate: cfg.bitrate,
-                        fps: cfg.fps,
-                    },
-                    hub.clone(),
-                )
-                .context("starting the scanout subscription")?;
-                (choice, Feed::Scanout(sub))
+                let enable = cfg.enable_scanout.then_some((cfg.width, cfg.height));
+                (choice, Feed::Scanout(subscribe(&cfg, *id, host, enable, &hub)?))
             }
             _ => {
                 gst::init()?;
                 gstvsockenc::plugin_register_static().context("registering vsockenc")?;
-                let choice = select::choose(&cfg.encoder, &cfg.sysfs, &|e| gst::ElementFactory::find(e).is_some());
-                let pcfg = pipeline::PipelineConfig {
-                    source: cfg.source.clone(),
-                    width: cfg.width,
-                    height: cfg.height,
-                    fps: cfg.fps,
-                    encoder: choice.clone(),
-                    host_encoder: cfg.host_encoder.clone(),
-                    bitrate: cfg.bitrate,
+                let mut choice = select::choose(&cfg.encoder, &cfg.sysfs, &|e| gst::ElementFactory::find(e).is_some());
+                // On virtio-gpu, a host that is the VM's GPU can encode the desktop's own
+                // display on every flip: then the guest captures and encodes nothing.
+                let pushed = match desktop.scanout() {
+                    Some((id, connector)) if cfg.encoder == "auto" && choice.element == "vsockenc" => {
+                        try_push(&cfg, id, &connector, &hub, &mut choice)?
+                    }
+                    _ => None,
                 };
-                let pipeline = pipeline::build(&pcfg, hub.clone())?;
-                if let Err(e) = pipeline.set_state(gst::State::Playing) {
-                    let why = first_error(&pipeline).unwrap_or_else(|| e.to_string());
-                    let _ = pipeline.set_state(gst::State::Null);
-                    bail!("the pipeline did not start: {why}");
+                match pushed {
+                    Some(sub) => (choice, Feed::Scanout(sub)),
+                    None => {
+                        let pcfg = pipeline::PipelineConfig {
+                            source: desktop.capture(&cfg.source)?,
+                            width: cfg.width,
+                            height: cfg.height,
+                            fps: cfg.fps,
+                            encoder: choice.clone(),
+                            host_encoder: cfg.host_encoder.clone(),
+                            bitrate: cfg.bitrate,
+                        };
+                        let pipeline = pipeline::build(&pcfg, hub.clone())?;
+                        if let Err(e) = pipeline.set_state(gst::State::Playing) {
+                            let why = first_error(&pipeline).unwrap_or_else(|| e.to_string());
+                            let _ = pipeline.set_state(gst::State::Null);
+                            bail!("the pipeline did not start: {why}");
+                        }
+                        desktop.follow(&pipeline);
+                        (choice, Feed::Pipeline(pipeline))
+                    }
                 }
-                (choice, Feed::Pipeline(pipeline))
             }
         };
         info!("encoder: {} ({})", choice.element, choice.reason);
+        let input = Arc::new(input::InputGate::new(desktop.control.clone(), cfg.view_only));
+        match (input.desktop(), cfg.view_only) {
+            (Some(d), false) => info!("input: viewers drive the desktop ({d})"),
+            (Some(d), true) => info!("input: off (--view-only; the desktop, {d}, would take it)"),
+            (None, _) => info!("input: none (this source takes no input)"),
+        }
         let listener =
             tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
@@ -190,11 +210,12 @@ impl Bridge {
                 limits: h264_level::Limits { fps: cfg.fps, bitrate_bps: cfg.bitrate },
                 counters: helix.clone(),
             },
+            input: input.clone(),
         });
         let rules = Arc::new(access::Access::new(addr.ip(), &cfg.allow_origins, &cfg.allow_hosts));
         let app = server::router(state).layer(axum::middleware::from_fn_with_state(rules.clone(), access::guard));
         let server = tokio::spawn(access::serve(listener, app, cfg.limits, rules.clone()));
-        Ok(Bridge { addr, choice, hub, helix, access: rules, feed, server, token: cfg.token })
+        Ok(Bridge { addr, choice, hub, helix, access: rules, input, feed, server, token: cfg.token, desktop })
     }
 
     /// The page's address (with the token when one is needed).
@@ -247,6 +268,16 @@ impl Bridge {
     }
 
     pub fn stop(self) {
+        self.halt();
+    }
+
+    /// Stops, and waits until the desktop's session has ended (a GNOME
+    /// session is closed at Mutter before this returns).
+    pub async fn shutdown(self) {
+        self.halt().stop().await;
+    }
+
+    fn halt(self) -> desktop::Desktop {
         match &self.feed {
             Feed::Pipeline(p) => {
                 let _ = p.set_state(gst::State::Null);
@@ -255,11 +286,76 @@ impl Bridge {
         }
         self.hub.close();
         self.server.abort();
+        self.desktop
     }
 }
 
 /// What the page and `hello` name as the encoder with `--source scanout:N`.
 pub const SCANOUT_ENCODER: &str = "host scanout push";
+
+/// How long `--encoder auto` waits for the host's answer to SUBSCRIBE.
+const PUSH_PROBE: Duration = Duration::from_secs(3);
+
+fn host_addr(cfg: &BridgeConfig) -> Result<hxfr_guest::HostAddr> {
+    cfg.host_encoder.parse().map_err(|e: hxfr_proto::AddrError| anyhow::anyhow!("--host-encoder {e}"))
+}
+
+fn subscribe(
+    cfg: &BridgeConfig,
+    scanout_id: u32,
+    host: hxfr_guest::HostAddr,
+    enable: Option<(u32, u32)>,
+    hub: &Arc<hub::Hub>,
+) -> Result<scanout::Subscription> {
+    let scfg = scanout::ScanoutConfig {
+        scanout_id,
+        host,
+        enable,
+        width: cfg.width,
+        height: cfg.height,
+        bitrate: cfg.bitrate,
+        fps: cfg.fps,
+    };
+    scanout::Subscription::start(scfg, hub.clone()).context("starting the scanout subscription")
+}
+
+/// `--encoder auto` on virtio-gpu with a desktop on scanout `id`: subscribes,
+/// and keeps the subscription if the host takes it. Otherwise `choice`
+/// (vsockenc) stands, its reason saying why there is no push.
+fn try_push(
+    cfg: &BridgeConfig,
+    id: u32,
+    connector: &str,
+    hub: &Arc<hub::Hub>,
+    choice: &mut Choice,
+) -> Result<Option<scanout::Subscription>> {
+    let host = host_addr(cfg)?;
+    if matches!(host, hxfr_guest::HostAddr::Serial(_)) {
+        // A port cannot be closed: a refused or late answer would leave a
+        // subscription behind that pushes into the next user's stream.
+        choice.reason += "; scanout push is not tried over virtio-serial (--source scanout:N asks for it)";
+        return Ok(None);
+    }
+    let sub = subscribe(cfg, id, host.clone(), None, hub)?;
+    match sub.first_answer(PUSH_PROBE) {
+        Some(true) => {
+            *choice = Choice {
+                element: SCANOUT_ENCODER.into(),
+                reason: format!(
+                    "virtio-gpu, and the host at {host} is the VM's GPU: it encodes the desktop's display \
+                     ({connector}, scanout {id}) on every flip"
+                ),
+            };
+            Ok(Some(sub))
+        }
+        answer => {
+            sub.stop();
+            let why = if answer.is_some() { "it refused SUBSCRIBE" } else { "no answer to SUBSCRIBE" };
+            choice.reason += &format!("; no scanout push for {connector} (scanout {id}): {why}");
+            Ok(None)
+        }
+    }
+}
 
 /// Where the hub's access units come from.
 enum Feed {

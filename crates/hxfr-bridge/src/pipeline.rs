@@ -25,7 +25,14 @@ pub enum Source {
     /// `scanout:N`: no capture; the host encodes scanout N of the VM's GPU on
     /// every flip and pushes the access units (see [`crate::scanout`]).
     Scanout(u32),
+    /// `gnome`: the bridge asks Mutter (or gnome-shell) for a remote desktop
+    /// session of the primary monitor and captures its PipeWire stream
+    /// (see [`crate::desktop`]).
+    Gnome,
 }
+
+/// The name of the capture element, for following a restarted GNOME session.
+pub const CAPTURE: &str = "capture";
 
 impl FromStr for Source {
     type Err = String;
@@ -33,6 +40,7 @@ impl FromStr for Source {
         let (kind, arg) = s.split_once(':').map_or((s, None), |(k, a)| (k, Some(a)));
         match (kind, arg) {
             ("test", None) => Ok(Source::Test),
+            ("gnome", None) => Ok(Source::Gnome),
             ("x11", d) => Ok(Source::X11(d.filter(|d| !d.is_empty()).map(str::to_string))),
             ("pipewire", None) => Ok(Source::Pipewire { node: None, fd: None }),
             ("pipewire", Some(a)) => match a.strip_prefix("fd=") {
@@ -42,7 +50,7 @@ impl FromStr for Source {
                 None => Ok(Source::Pipewire { node: Some(a.to_string()), fd: None }),
             },
             ("scanout", Some(n)) => Ok(Source::Scanout(n.parse().map_err(|_| format!("bad scanout id in {s:?}"))?)),
-            _ => Err(format!("{s:?}: expected test, x11[:DISPLAY], pipewire[:NODE|:fd=N], scanout:N")),
+            _ => Err(format!("{s:?}: expected test, gnome, x11[:DISPLAY], pipewire[:NODE|:fd=N], scanout:N")),
         }
     }
 }
@@ -96,7 +104,11 @@ fn source(cfg: &PipelineConfig) -> Result<Vec<gst::Element>> {
             vec![src, make("videoscale")?]
         }
         Source::Pipewire { node, fd } => {
-            let src = make("pipewiresrc")?;
+            let src = gst::ElementFactory::make("pipewiresrc").name(CAPTURE).build().map_err(|_| {
+                anyhow!(
+                    "GStreamer element \"pipewiresrc\" is missing (gstreamer1.0-pipewire, see scripts/install-deps.sh)"
+                )
+            })?;
             if let Some(n) = node {
                 src.set_property("path", n);
             }
@@ -104,9 +116,20 @@ fn source(cfg: &PipelineConfig) -> Result<Vec<gst::Element>> {
                 src.set_property("fd", *fd);
             }
             src.set_property("do-timestamp", true);
-            vec![src, make("videoscale")?]
+            // Mutter sends a frame only when the screen changes; a viewer wants a
+            // steady stream (and a late one a picture): repeat the last frame.
+            src.set_property("keepalive-time", (1000 / cfg.fps.max(1)) as i32);
+            // Raw BGRx right after the source: a filter that takes anything stalls
+            // negotiation with Mutter's variable-rate, shared-memory stream.
+            let raw = make("capsfilter")?;
+            raw.set_property("caps", gst::Caps::builder("video/x-raw").field("format", "BGRx").build());
+            // Variable rate in, the configured rate out.
+            let rate = make("videorate")?;
+            rate.set_property("drop-only", false);
+            vec![src, raw, rate, make("videoscale")?]
         }
         Source::Scanout(_) => bail!("--source scanout:N has no capture pipeline (the host pushes encoded frames)"),
+        Source::Gnome => bail!("--source gnome is captured through its session's PipeWire node (Desktop::capture)"),
     })
 }
 
@@ -311,11 +334,12 @@ mod tests {
     fn sources_parse() {
         let p = |s: &str| s.parse::<Source>();
         assert_eq!(p("test"), Ok(Source::Test));
+        assert_eq!(p("gnome"), Ok(Source::Gnome));
         assert_eq!(p("x11::1"), Ok(Source::X11(Some(":1".into()))));
         assert_eq!(p("pipewire:fd=7"), Ok(Source::Pipewire { node: None, fd: Some(7) }));
         assert_eq!(p("scanout:0"), Ok(Source::Scanout(0)));
         assert_eq!(p("scanout:15"), Ok(Source::Scanout(15)));
-        for bad in ["scanout", "scanout:", "scanout:x", "scanout:-1", "webcam"] {
+        for bad in ["scanout", "scanout:", "scanout:x", "scanout:-1", "webcam", "gnome:1"] {
             assert!(p(bad).is_err(), "{bad}");
         }
     }

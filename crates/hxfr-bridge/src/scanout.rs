@@ -120,6 +120,19 @@ struct Shared {
     /// The live connection, to shut it down on stop (wakes a blocked reader).
     link: Mutex<Option<Transport>>,
     counters: Counters,
+    /// The host's first answer to SUBSCRIBE, for [`Subscription::first_answer`].
+    answer: Mutex<Option<bool>>,
+    answered: Condvar,
+}
+
+impl Shared {
+    fn answered(&self, success: bool) {
+        let mut a = self.answer.lock().unwrap();
+        if a.is_none() {
+            *a = Some(success);
+            self.answered.notify_all();
+        }
+    }
 }
 
 /// A running subscription; it ends with [`Subscription::stop`].
@@ -151,6 +164,14 @@ impl Subscription {
 
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
+    }
+
+    /// The host's first answer to SUBSCRIBE (true: accepted), or `None` when
+    /// none came within `within` (host unreachable, or silent).
+    pub fn first_answer(&self, within: Duration) -> Option<bool> {
+        let a = self.shared.answer.lock().unwrap();
+        let (a, _) = self.shared.answered.wait_timeout_while(a, within, |a| a.is_none()).unwrap();
+        *a
     }
 
     /// Ends the subscription (the thread leaves within about a second).
@@ -436,6 +457,9 @@ fn handshake(
             Message::SubscribeResp { scanout_id, success } if scanout_id == id => Some(success),
             _ => None,
         })?;
+        if let Some(success) = answer {
+            shared.answered(success);
+        }
         match answer {
             Some(true) => break,
             Some(false) => {

@@ -2,11 +2,15 @@
 //! the same stream in Helix's protocol at `/ws/stream` (`helix_ws.rs`).
 //!
 //! Control channel, JSON text messages on the stream's socket:
-//! - bridge → viewer `{"type":"hello","encoder","reason","width","height","fps"}` once,
-//!   `{"type":"stats","viewers","fps","bitrate_bps","frames","skipped"}` every second,
-//!   `{"type":"pong","t","server_ms"}` for each ping.
+//! - bridge → viewer `{"type":"hello","encoder","reason","width","height","fps","input","interactive"}`
+//!   once (`input`: the desktop that takes input, "gnome" or "x11", or null; `interactive`:
+//!   whether this viewer's input reaches it), `{"type":"stats","viewers","fps","bitrate_bps",
+//!   "frames","skipped"}` every second, `{"type":"pong","t","server_ms"}` for each ping, and
+//!   `{"type":"clipboard","text"}` when the desktop's clipboard changes (interactive viewers).
 //! - viewer → bridge `{"type":"keyframe"}` (after a decoder error), `{"type":"ping","t"}`
-//!   (the viewer's clock, for the clock-offset estimate behind glass-to-glass latency).
+//!   (the viewer's clock, for the clock-offset estimate behind glass-to-glass latency), and
+//!   the input messages of `hxfr_desktop::input` (key, pointer, button, wheel, scroll,
+//!   release, clipboard), which go through [`crate::input::InputGate`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,7 +37,12 @@ pub struct AppState {
     pub write_timeout: Duration,
     pub hello: serde_json::Value,
     pub helix: crate::helix_ws::Endpoint,
+    pub input: Arc<crate::input::InputGate>,
 }
+
+/// The largest text message a viewer may send: clipboard text at its limit,
+/// every byte escaped in JSON (`\u00XX`), and room for the rest.
+const TEXT_MESSAGE_LIMIT: usize = hxfr_desktop::input::CLIPBOARD_MAX * 6 + 1024;
 
 pub(crate) type Params = Query<HashMap<String, String>>;
 
@@ -89,7 +98,9 @@ async fn stream(ws: WebSocketUpgrade, State(st): State<Arc<AppState>>, Query(q):
     if !authorised(&st, &q) {
         return refused();
     }
-    ws.on_upgrade(move |socket| viewer(socket, st))
+    ws.max_message_size(TEXT_MESSAGE_LIMIT)
+        .max_frame_size(TEXT_MESSAGE_LIMIT)
+        .on_upgrade(move |socket| viewer(socket, st))
 }
 
 async fn viewer(socket: WebSocket, st: Arc<AppState>) {
@@ -102,6 +113,12 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
     let mut hello = st.hello.clone();
     if let Some((w, h)) = st.hub.size() {
         (hello["width"], hello["height"]) = (w.into(), h.into());
+    }
+    (hello["input"], hello["interactive"]) = (st.input.desktop().into(), st.input.interactive().into());
+    let mut clipboard = st.input.clipboard();
+    if let Some(c) = clipboard.as_mut() {
+        // What was copied before this viewer came is not news to it.
+        c.mark_unchanged();
     }
     if !send_within(&mut tx, Message::Text(hello.to_string().into()), st.write_timeout).await {
         st.hub.unsubscribe(&v);
@@ -121,8 +138,12 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
             }
             m = rx.next() => match m {
                 Some(Ok(Message::Text(t))) => {
-                    let Ok(msg) = serde_json::from_str::<serde_json::Value>(&t) else { continue };
+                    let Ok(msg) = serde_json::from_str::<serde_json::Value>(&t) else {
+                        st.input.invalid("not JSON");
+                        continue;
+                    };
                     match msg["type"].as_str() {
+                        Some(ty) if hxfr_desktop::input::TYPES.contains(&ty) => st.input.handle(&t),
                         Some("keyframe") => st.hub.request_keyframe(),
                         Some("ping") => {
                             let pong = json!({"type": "pong", "t": msg["t"], "server_ms": crate::wire::unix_us() as f64 / 1000.0});
@@ -130,12 +151,18 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
                                 break;
                             }
                         }
-                        _ => {}
+                        _ => st.input.invalid("unknown message type"),
                     }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
+            Some(text) = changed(&mut clipboard) => {
+                let m = json!({"type": "clipboard", "text": &*text});
+                if !send_within(&mut tx, Message::Text(m.to_string().into()), st.write_timeout).await {
+                    break;
+                }
+            }
             _ = tick.tick() => {
                 let (f, b, now) = (st.hub.frames.load(Ordering::Relaxed), st.hub.bytes.load(Ordering::Relaxed), Instant::now());
                 let secs = now.duration_since(last_t).as_secs_f64().max(1e-3);
@@ -155,5 +182,17 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
         }
     }
     st.hub.unsubscribe(&v);
+    // Whatever this viewer held down, the desktop should not keep pressed.
+    st.input.release();
     tracing::info!(viewers = st.hub.viewers(), "viewer left");
+}
+
+/// The desktop's clipboard text when it changes; never, without a clipboard.
+async fn changed(c: &mut Option<hxfr_desktop::control::ClipboardRx>) -> Option<Arc<str>> {
+    let Some(rx) = c.as_mut() else { return std::future::pending().await };
+    if rx.changed().await.is_err() {
+        *c = None;
+        return None;
+    }
+    rx.borrow_and_update().clone()
 }

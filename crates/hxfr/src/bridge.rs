@@ -11,8 +11,10 @@ use hxfr_bridge::{Bridge, BridgeConfig, Source};
 
 #[derive(clap::Args)]
 pub struct BridgeArgs {
-    /// test, x11[:DISPLAY], pipewire[:NODE|:fd=N], or scanout:N (the host, as the VM's
-    /// GPU, encodes scanout N on every flip and pushes it; --host-encoder is where).
+    /// gnome (Mutter's ScreenCast and RemoteDesktop on the session bus: capture and input),
+    /// x11[:DISPLAY] (capture, input through XTest), pipewire[:NODE|:fd=N] (a node someone
+    /// else set up; no input), test, or scanout:N (the host, as the VM's GPU, encodes
+    /// scanout N on every flip and pushes it; --host-encoder is where).
     #[arg(long, default_value = "test")]
     source: Source,
     /// Frame size, WIDTHxHEIGHT.
@@ -51,6 +53,16 @@ pub struct BridgeArgs {
     /// Connections at a time, viewers included; the next one gets 503.
     #[arg(long, default_value_t = hxfr_bridge::access::Limits::default().max_connections)]
     max_connections: usize,
+    /// Viewers watch only: no keyboard, pointer or clipboard reaches the desktop.
+    #[arg(long)]
+    view_only: bool,
+    /// With --source gnome: the D-Bus bus Mutter is on (default: $DBUS_SESSION_BUS_ADDRESS).
+    #[arg(long, value_name = "ADDRESS")]
+    desktop_bus: Option<String>,
+    /// With --source gnome: the PipeWire socket Mutter streams to (default: PipeWire's
+    /// own lookup through $PIPEWIRE_RUNTIME_DIR or $XDG_RUNTIME_DIR).
+    #[arg(long, value_name = "PATH")]
+    pipewire_socket: Option<PathBuf>,
     /// sysfs root the GPU vendor is read from.
     #[arg(long, default_value = "/sys", hide = true)]
     sysfs: PathBuf,
@@ -76,10 +88,20 @@ pub fn bridge(a: BridgeArgs) -> Result<()> {
             allow_hosts: a.allow_host,
             limits: hxfr_bridge::access::Limits { max_connections: a.max_connections, ..Default::default() },
             sysfs: a.sysfs,
+            view_only: a.view_only,
+            desktop: hxfr_bridge::desktop::DesktopConfig {
+                dbus_address: a.desktop_bus,
+                pipewire_socket: a.pipewire_socket,
+            },
         })
         .await?;
         println!("hxfr bridge: {} ({}); open {}", bridge.choice.element, bridge.choice.reason, bridge.url());
         println!("Helix's client: {}", bridge.helix_url());
+        match (bridge.input.desktop(), bridge.input.interactive()) {
+            (Some(d), true) => println!("input: viewers drive the desktop ({d})"),
+            (Some(_), false) => println!("input: off (--view-only)"),
+            (None, _) => println!("input: none for this source"),
+        }
         let r = tokio::select! {
             r = bridge.wait() => r,
             _ = tokio::signal::ctrl_c() => Ok(()),
