@@ -374,3 +374,56 @@ fn first_error(p: &gst::Pipeline) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(host: &str) -> BridgeConfig {
+        BridgeConfig { host_encoder: host.into(), width: 320, height: 192, ..Default::default() }
+    }
+
+    fn vsockenc() -> Choice {
+        Choice { element: "vsockenc".into(), reason: "virtio-gpu GPU (0x1af4)".into() }
+    }
+
+    /// `--encoder auto` on virtio-gpu keeps scanout push only when the host
+    /// takes SUBSCRIBE for the desktop's head; otherwise vsockenc stands and
+    /// its reason says why.
+    #[test]
+    fn auto_prefers_scanout_push_when_the_host_takes_the_subscription() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("h.sock");
+        let scanouts = Arc::new(hxfr_host::MemoryScanouts::default());
+        scanouts.add(0);
+        let _host = hxfr_host::spawn(
+            hxfr_host::HostConfig { scanouts: Some(scanouts.clone()), ..Default::default() },
+            vec![hxfr_host::ListenAddr::Unix(sock.clone())],
+            vec![],
+        )
+        .unwrap();
+        let host = format!("unix:{}", sock.display());
+        let hub = Arc::new(hub::Hub::default());
+
+        let mut choice = vsockenc();
+        let sub = try_push(&cfg(&host), 0, "Virtual-1", &hub, &mut choice).unwrap().expect("the host takes scanout 0");
+        assert_eq!(choice.element, SCANOUT_ENCODER);
+        assert!(choice.reason.contains("Virtual-1, scanout 0"), "{}", choice.reason);
+        sub.stop();
+
+        let mut choice = vsockenc();
+        assert!(try_push(&cfg(&host), 3, "Virtual-4", &hub, &mut choice).unwrap().is_none());
+        assert_eq!(choice.element, "vsockenc");
+        assert!(choice.reason.ends_with("no scanout push for Virtual-4 (scanout 3): it refused SUBSCRIBE"), "{}", choice.reason);
+
+        let nobody = format!("unix:{}", dir.path().join("nobody.sock").display());
+        let mut choice = vsockenc();
+        assert!(try_push(&cfg(&nobody), 0, "Virtual-1", &hub, &mut choice).unwrap().is_none());
+        assert!(choice.reason.ends_with("no answer to SUBSCRIBE"), "{}", choice.reason);
+
+        let mut choice = vsockenc();
+        let serial = "serial:/dev/virtio-ports/com.helix.frame-export";
+        assert!(try_push(&cfg(serial), 0, "Virtual-1", &hub, &mut choice).unwrap().is_none());
+        assert!(choice.reason.contains("not tried over virtio-serial"), "{}", choice.reason);
+    }
+}
