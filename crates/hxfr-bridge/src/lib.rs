@@ -414,7 +414,11 @@ mod tests {
         let mut choice = vsockenc();
         assert!(try_push(&cfg(&host), 3, "Virtual-4", &hub, &mut choice).unwrap().is_none());
         assert_eq!(choice.element, "vsockenc");
-        assert!(choice.reason.ends_with("no scanout push for Virtual-4 (scanout 3): it refused SUBSCRIBE"), "{}", choice.reason);
+        assert!(
+            choice.reason.ends_with("no scanout push for Virtual-4 (scanout 3): it refused SUBSCRIBE"),
+            "{}",
+            choice.reason
+        );
 
         let nobody = format!("unix:{}", dir.path().join("nobody.sock").display());
         let mut choice = vsockenc();
