@@ -41,6 +41,8 @@ struct Gnome {
     socket: Option<PathBuf>,
     /// The connection `pipewiresrc` was given; a restarted capture gets a new one.
     connection: Mutex<Option<UnixStream>>,
+    /// The session count when the capture was built.
+    captured: std::sync::atomic::AtomicU64,
 }
 
 impl Gnome {
@@ -75,7 +77,12 @@ impl Desktop {
                     "starting a GNOME remote desktop session (is Mutter or gnome-shell running on this session bus?)",
                 )?;
                 let control = Arc::new(Control::spawn(input, clip_rx));
-                let gnome = Gnome { session, socket: cfg.pipewire_socket.clone(), connection: Mutex::new(None) };
+                let gnome = Gnome {
+                    session,
+                    socket: cfg.pipewire_socket.clone(),
+                    connection: Mutex::new(None),
+                    captured: Default::default(),
+                };
                 Desktop { control: Some(control), gnome: Some(Arc::new(gnome)) }
             }
             Source::X11(display) => {
@@ -119,6 +126,7 @@ impl Desktop {
     pub fn capture(&self, source: &Source) -> Result<Source> {
         match &self.gnome {
             Some(g) => {
+                g.captured.store(g.session.sessions(), std::sync::atomic::Ordering::Relaxed);
                 let node = (*g.session.node().borrow()).context("the GNOME session has no PipeWire stream yet")?;
                 Ok(Source::Pipewire { node: Some(node.to_string()), fd: g.connect()? })
             }
@@ -127,33 +135,53 @@ impl Desktop {
     }
 
     /// Follows a restarted GNOME session: the pipeline captures its new node.
+    /// Every new session counts, even one whose node has the old id (PipeWire
+    /// reuses ids).
     pub fn follow(&self, pipeline: &gst::Pipeline) {
         let Some(g) = &self.gnome else { return };
         let mut node = g.session.node();
         let (gnome, weak) = (Arc::downgrade(g), pipeline.downgrade());
+        // What `capture` saw: a restart since then is caught up with at once.
+        let mut seen = g.captured.load(std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
-            let mut current = *node.borrow_and_update();
-            while node.changed().await.is_ok() {
-                let next = *node.borrow_and_update();
-                let (Some(id), Some(pipeline), Some(g)) = (next, weak.upgrade(), gnome.upgrade()) else { continue };
-                if Some(id) == current {
-                    continue;
+            loop {
+                let (id, sessions) = {
+                    let n = *node.borrow_and_update();
+                    (n, gnome.upgrade().map_or(0, |g| g.session.sessions()))
+                };
+                if let (Some(id), true) = (id, sessions != seen) {
+                    seen = sessions;
+                    let (Some(pipeline), Some(g)) = (weak.upgrade(), gnome.upgrade()) else { return };
+                    tracing::info!("the GNOME session restarted: capturing PipeWire node {id}");
+                    let fd = g.connect();
+                    // State changes block: off the async workers.
+                    let restarted = tokio::task::spawn_blocking(move || {
+                        let src = pipeline.by_name(CAPTURE)?;
+                        let _ = pipeline.set_state(gst::State::Null);
+                        src.set_property("path", id.to_string());
+                        match fd {
+                            Ok(Some(fd)) => src.set_property("fd", fd),
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!("{e:#}"),
+                        }
+                        Some(pipeline.set_state(gst::State::Playing))
+                    })
+                    .await;
+                    if let Ok(Some(Err(e))) = restarted {
+                        tracing::warn!("restarting the capture on node {id}: {e}");
+                    }
                 }
-                current = Some(id);
-                tracing::info!("the GNOME session restarted: capturing PipeWire node {id}");
-                let Some(src) = pipeline.by_name(CAPTURE) else { return };
-                let _ = pipeline.set_state(gst::State::Null);
-                src.set_property("path", id.to_string());
-                match g.connect() {
-                    Ok(Some(fd)) => src.set_property("fd", fd),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!("{e:#}"),
-                }
-                if let Err(e) = pipeline.set_state(gst::State::Playing) {
-                    tracing::warn!("restarting the capture on node {id}: {e}");
+                if node.changed().await.is_err() {
+                    return;
                 }
             }
         });
+    }
+
+    /// Whether an error from the pipeline is the capture losing a GNOME
+    /// session's stream, which [`Desktop::follow`] recovers from.
+    pub fn recovers(&self, src: Option<&gst::Object>) -> bool {
+        self.gnome.is_some() && src.is_some_and(|s| s.name() == CAPTURE)
     }
 }
 

@@ -9,7 +9,7 @@
 //! When nothing has been sent for [`HEARTBEAT_IDLE`] (a still desktop, or
 //! video switched off) a heartbeat text message keeps the viewer from
 //! declaring the connection stale. Pings are answered with Pongs; input is
-//! validated and counted (there is no input injection in the bridge yet);
+//! validated and counted, not injected (the page's `/stream` input is);
 //! `set_video_enabled` stops and restarts the video. Every message that
 //! fails validation is counted and logged, and the connection goes on.
 
@@ -189,7 +189,8 @@ impl Conn<'_> {
                 return self.send(Message::Binary(pong.encode())).await;
             }
             Ok(ClientMessage::Input(i)) => {
-                // No input injection in the bridge yet: validated and counted.
+                // Validated and counted; not injected: which key codes Helix's
+                // client sends is not settled (the page's `/stream` input is).
                 c.inputs[(i.message_type() - helix::MSG_KEYBOARD) as usize].fetch_add(1, Ordering::Relaxed);
                 debug!(?i, "helix viewer: input");
             }

@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hxfr_desktop::control::ClipboardRx;
+use hxfr_desktop::control::{ClipboardRx, ViewerId};
 use hxfr_desktop::{Control, ViewerMessage};
 
 #[derive(Debug, Default)]
 pub struct InputCounters {
-    /// Queued for the desktop.
+    /// Taken for the desktop (a flood's overflow is counted as dropped by
+    /// the control queue instead).
     pub accepted: AtomicU64,
     /// Malformed, unknown or out of range.
     pub invalid: AtomicU64,
@@ -27,11 +28,18 @@ pub struct InputGate {
     view_only: bool,
     pub counters: InputCounters,
     last_log: Mutex<Option<Instant>>,
+    next_viewer: AtomicU64,
 }
 
 impl InputGate {
     pub fn new(control: Option<Arc<Control>>, view_only: bool) -> InputGate {
-        InputGate { control, view_only, counters: InputCounters::default(), last_log: Mutex::new(None) }
+        InputGate {
+            control,
+            view_only,
+            counters: InputCounters::default(),
+            last_log: Mutex::new(None),
+            next_viewer: AtomicU64::new(1),
+        }
     }
 
     /// Whether viewers' input reaches the desktop.
@@ -54,8 +62,14 @@ impl InputGate {
         self.control.as_ref().filter(|_| !self.view_only).map(|c| c.clipboard())
     }
 
-    /// One input message (its `type` is one of `hxfr_desktop::input::TYPES`).
-    pub fn handle(&self, text: &str) {
+    /// A number for a new viewer: whose keys are whose.
+    pub fn viewer(&self) -> ViewerId {
+        self.next_viewer.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// One input message from viewer `from` (its `type` is one of
+    /// `hxfr_desktop::input::TYPES`).
+    pub fn handle(&self, from: ViewerId, text: &str) {
         let Some(control) = self.control.as_ref().filter(|_| !self.view_only) else {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             let why = if self.view_only { "the bridge is view-only" } else { "this source takes no input" };
@@ -64,8 +78,10 @@ impl InputGate {
         };
         match ViewerMessage::parse(text) {
             Ok(m) => {
-                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                control.send(m);
+                // Dropped in a flood: counted by the control queue, not here.
+                if control.send(from, m) {
+                    self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(e) => self.invalid(&e.to_string()),
         }
@@ -77,10 +93,10 @@ impl InputGate {
         self.log(|n| tracing::warn!("dropping a viewer message: {why} ({n} so far)"), &self.counters.invalid);
     }
 
-    /// Lets go of every key and button (the viewer left or its page lost focus).
-    pub fn release(&self) {
+    /// Lets go of every key and button viewer `from` holds (it left).
+    pub fn release(&self, from: ViewerId) {
         if let Some(c) = self.control.as_ref().filter(|_| !self.view_only) {
-            c.send(ViewerMessage::Release);
+            c.release(from);
         }
     }
 

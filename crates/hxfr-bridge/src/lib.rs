@@ -256,6 +256,10 @@ impl Bridge {
         let mut messages = bus.stream();
         while let Some(msg) = futures::StreamExt::next(&mut messages).await {
             match msg.view() {
+                gst::MessageView::Error(e) if self.desktop.recovers(e.src()) => {
+                    // Mutter went away under the capture; a new session follows.
+                    warn!("capture: {} (waiting for a new GNOME session)", e.error())
+                }
                 gst::MessageView::Error(e) => {
                     bail!("{} ({})", e.error(), e.debug().map(|d| d.to_string()).unwrap_or_default())
                 }

@@ -118,7 +118,13 @@ fn source(cfg: &PipelineConfig) -> Result<Vec<gst::Element>> {
             src.set_property("do-timestamp", true);
             // Mutter sends a frame only when the screen changes; a viewer wants a
             // steady stream (and a late one a picture): repeat the last frame.
-            src.set_property("keepalive-time", (1000 / cfg.fps.max(1)) as i32);
+            if src.find_property("keepalive-time").is_some() {
+                src.set_property("keepalive-time", (1000 / cfg.fps.max(1)) as i32);
+            } else {
+                tracing::warn!(
+                    "this pipewiresrc has no keepalive-time (PipeWire < 0.3.60?): a still desktop sends no frames"
+                );
+            }
             // Raw BGRx right after the source: a filter that takes anything stalls
             // negotiation with Mutter's variable-rate, shared-memory stream.
             let raw = make("capsfilter")?;

@@ -106,6 +106,7 @@ async fn stream(ws: WebSocketUpgrade, State(st): State<Arc<AppState>>, Query(q):
 async fn viewer(socket: WebSocket, st: Arc<AppState>) {
     let (mut tx, mut rx) = socket.split();
     let v = st.hub.subscribe();
+    let me = st.input.viewer();
     tracing::info!(viewers = st.hub.viewers(), "viewer connected");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let (mut last_frames, mut last_bytes, mut last_t) =
@@ -143,7 +144,7 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
                         continue;
                     };
                     match msg["type"].as_str() {
-                        Some(ty) if hxfr_desktop::input::TYPES.contains(&ty) => st.input.handle(&t),
+                        Some(ty) if hxfr_desktop::input::TYPES.contains(&ty) => st.input.handle(me, &t),
                         Some("keyframe") => st.hub.request_keyframe(),
                         Some("ping") => {
                             let pong = json!({"type": "pong", "t": msg["t"], "server_ms": crate::wire::unix_us() as f64 / 1000.0});
@@ -183,7 +184,7 @@ async fn viewer(socket: WebSocket, st: Arc<AppState>) {
     }
     st.hub.unsubscribe(&v);
     // Whatever this viewer held down, the desktop should not keep pressed.
-    st.input.release();
+    st.input.release(me);
     tracing::info!(viewers = st.hub.viewers(), "viewer left");
 }
 

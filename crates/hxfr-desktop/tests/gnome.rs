@@ -242,7 +242,7 @@ fn keystrokes(text: &str) -> Vec<InputEvent> {
 
 fn send_all(c: &Control, events: impl IntoIterator<Item = InputEvent>) {
     for ev in events {
-        assert!(c.send(ViewerMessage::Input(ev)), "the control queue dropped {ev:?}");
+        assert!(c.send(0, ViewerMessage::Input(ev)), "the control queue dropped {ev:?}");
     }
 }
 
@@ -453,7 +453,7 @@ async fn clipboard_goes_both_ways() {
 
     // The viewer pastes: a Wayland client on the desktop reads it.
     let ours = format!("from the viewer {}", token());
-    assert!(c.send(ViewerMessage::Clipboard(ours.clone())));
+    assert!(c.send(0, ViewerMessage::Clipboard(ours.clone())));
     loop {
         let got = run_in(&d, &["wl-paste", "--no-newline"]);
         if got.as_deref() == Some(ours.as_str()) {

@@ -120,7 +120,7 @@ async fn backend(display: &str) -> (Control, ClipboardRx) {
 /// Queues `m`, waiting for room rather than dropping it.
 async fn push(c: &Control, m: ViewerMessage) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !c.send(m.clone()) {
+    while !c.send(0, m.clone()) {
         assert!(Instant::now() < deadline, "the control queue stayed full");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -5,7 +5,7 @@
 //! in it), and a bridge that captures that desktop with `--source gnome`,
 //! encodes it by vsockenc through the host, and lets the page type into it.
 //! Without the desktop packages (or if Mutter does not start) it says why and
-//! shows the test pattern instead. Ctrl-C stops everything it started.
+//! shows the test pattern instead. Ctrl-C (or SIGTERM, SIGHUP) stops everything it started.
 
 use std::net::SocketAddr;
 
@@ -99,6 +99,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
             bridge.choice.element, bridge.choice.reason, a.fps
         );
         println!("           showing {shows}");
+        if let Some(d) = &desktop {
+            println!("           desktop session in {}", d.runtime_dir().display());
+        }
         if bridge.input.interactive() {
             println!("           the page is interactive: click the picture, then type into the terminal");
         }
@@ -108,9 +111,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
         println!("  Helix's client: {}", bridge.helix_url());
         println!();
         println!("Ctrl-C stops.");
+        // Ctrl-C, a closed terminal or a kill all end it the same way: with
+        // everything it started stopped.
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::hangup())?);
         let r = tokio::select! {
             r = bridge.wait() => r,
             _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = term.recv() => Ok(()),
+            _ = hup.recv() => Ok(()),
         };
         // The session first: Mutter does not exit while it has one open.
         bridge.shutdown().await;

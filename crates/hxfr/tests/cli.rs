@@ -21,9 +21,15 @@ fn demo_serves_a_stream_that_hxfr_stream_measures_then_stops_on_ctrl_c() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
-    let (mut url, mut helix_url) = (None, None);
+    let (mut url, mut helix_url, mut shows, mut session) = (None, None, None, None);
     while helix_url.is_none() {
         let line = lines.next().expect("demo printed its URLs").unwrap();
+        if let Some(s) = line.trim().strip_prefix("showing ") {
+            shows = Some(s.to_string());
+        }
+        if let Some(d) = line.trim().strip_prefix("desktop session in ") {
+            session = Some(d.to_string());
+        }
         if let Some(u) = line.trim().strip_prefix("open ") {
             url = Some(u.to_string());
         }
@@ -32,6 +38,9 @@ fn demo_serves_a_stream_that_hxfr_stream_measures_then_stops_on_ctrl_c() {
         }
     }
     let (url, helix_url) = (url.expect("the page URL comes first"), helix_url.unwrap());
+    // The demo shows a desktop (make test installs Mutter): no fallback here.
+    assert_eq!(shows.as_deref(), Some("a headless GNOME desktop (Mutter) with a terminal in it"));
+    let session = session.expect("the desktop's runtime dir");
     let out = hxfr().args(["stream", &url, "--duration", "3", "--json"]).output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(out.status.success(), "{report:#}");
@@ -54,6 +63,20 @@ fn demo_serves_a_stream_that_hxfr_stream_measures_then_stops_on_ctrl_c() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(demo.wait().unwrap().success());
     assert!(rest.iter().any(|l| l.starts_with("host: conn")), "host stats on exit: {rest:?}");
+    // Nothing of the desktop is left: no process runs in its session, its dir is gone.
+    assert!(!std::path::Path::new(&session).exists(), "{session} is left behind");
+    let needle = format!("XDG_RUNTIME_DIR={session}");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|p| p.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|p| {
+            std::fs::read(p.path().join("environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+        })
+        .map(|p| std::fs::read_to_string(p.path().join("cmdline")).unwrap_or_default().replace('\0', " "))
+        .collect();
+    assert!(left.is_empty(), "left running after the demo: {left:?}");
 }
 
 #[test]
