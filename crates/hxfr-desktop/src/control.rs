@@ -51,6 +51,8 @@ pub struct ControlStats {
     /// The backend said no (logged).
     pub failed: AtomicU64,
     pub clipboard_set: AtomicU64,
+    /// Pointer moves passed over for a newer one right behind them.
+    pub coalesced: AtomicU64,
 }
 
 /// What does not go through the queue.
@@ -196,6 +198,8 @@ async fn run<B: Backend>(
     // Urgent releases not yet overtaken by the queue: presses queued before
     // them must not press anything after the release.
     let mut barriers: HashMap<ViewerId, u64> = HashMap::new();
+    // A message taken from the queue while looking past a pointer move.
+    let mut next: Option<Queued> = None;
     loop {
         // Releases and the clipboard first: they must not wait behind a flood.
         let releases: Vec<(ViewerId, u64)> = urgent.release.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
@@ -215,14 +219,33 @@ async fn run<B: Backend>(
             };
         }
         if events.is_empty() {
-            let q = tokio::select! {
-                biased;
-                _ = urgent.wake.notified() => continue,
-                q = rx.recv() => match q {
-                    Some(q) => q,
-                    None => return,
+            let mut q = match next.take() {
+                Some(q) => q,
+                None => tokio::select! {
+                    biased;
+                    _ = urgent.wake.notified() => continue,
+                    q = rx.recv() => match q {
+                        Some(q) => q,
+                        None => return,
+                    },
                 },
             };
+            // Pointer positions are absolute: of a run of them only the last
+            // matters, and a desktop that redraws its cursor for each would
+            // fall behind a fast mouse (or a flood).
+            while matches!(q.ev, Some(InputEvent::Pointer { .. })) {
+                match rx.try_recv() {
+                    Ok(n) if matches!(n.ev, Some(InputEvent::Pointer { .. })) && n.who == q.who => {
+                        stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                        q = n;
+                    }
+                    Ok(n) => {
+                        next = Some(n);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
             // The queue is in order: once past a barrier, it is done with.
             barriers.retain(|_, at| *at > q.seq);
             match q.ev {
@@ -320,7 +343,14 @@ mod tests {
             .count();
         assert_eq!(sent, QUEUE);
         assert_eq!(c.stats.dropped.load(Ordering::Relaxed), 10_000 - QUEUE as u64);
-        settle(&c, QUEUE as u64).await;
+        // The queued moves collapse into the newest: the desktop moves once.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let handled = || c.stats.injected.load(Ordering::Relaxed) + c.stats.coalesced.load(Ordering::Relaxed);
+        while handled() < QUEUE as u64 {
+            assert!(tokio::time::Instant::now() < deadline, "the queue never drained");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*r.0.lock().unwrap(), vec![InputEvent::Pointer { x: (QUEUE - 1) as f64 / 1e4, y: 0.5 }]);
     }
 
     #[tokio::test]

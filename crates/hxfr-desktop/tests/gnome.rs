@@ -45,6 +45,38 @@ async fn gnome(d: &HeadlessDesktop) -> (GnomeDesktop, GnomeInput, hxfr_desktop::
     (g, input, rx)
 }
 
+/// One test's desktop: a session of its own (one at a time), its capture
+/// and the control queue in front of its input.
+struct Rig {
+    d: HeadlessDesktop,
+    g: GnomeDesktop,
+    cap: Capture,
+    c: Control,
+    t0: Instant,
+    _one: tokio::sync::MutexGuard<'static, ()>,
+}
+
+async fn rig(apps: &[&[&str]]) -> Rig {
+    init();
+    let one = ONE_AT_A_TIME.lock().await;
+    let t0 = Instant::now();
+    let d = desktop(apps).await;
+    let (g, input, clip) = gnome(&d).await;
+    let cap = Capture::new(&d, g.node().borrow().expect("a node"));
+    let c = Control::spawn(input, clip);
+    Rig { d, g, cap, c, t0, _one: one }
+}
+
+impl Rig {
+    /// Ends the session before Mutter (which will not exit while it is open).
+    async fn done(self, what: &str) {
+        drop(self.c);
+        self.g.stop().await;
+        eprintln!("{what} test: {:?}", self.t0.elapsed());
+        drop(self.d);
+    }
+}
+
 /// Lowercase letters and digits, different every run.
 fn token() -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -325,14 +357,8 @@ async fn capture_yields_frames_of_the_desktop_and_everything_stops_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_into_a_terminal_runs_the_command() {
-    init();
-    let _one = ONE_AT_A_TIME.lock().await;
-    let t0 = Instant::now();
-    let d = desktop(&[&["foot", "sh"]]).await;
-    let (g, input, clip) = gnome(&d).await;
-    let node = g.node().borrow().expect("a node");
-    let cap = Capture::new(&d, node);
-    let c = Control::spawn(input, clip);
+    let r = rig(&[&["foot", "sh"]]).await;
+    let (c, cap) = (&r.c, &r.cap);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     click_into_window(&c, &cap, deadline);
@@ -340,19 +366,13 @@ async fn typing_into_a_terminal_runs_the_command() {
     let tok = token();
     send_all(&c, keystrokes(&format!("echo {tok} > {}\n", out.as_str())));
     wait_for_file(&out.0, &tok, deadline).await;
-    g.stop().await;
-    eprintln!("typing test: {:?}", t0.elapsed());
+    r.done("typing").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shift_makes_capitals() {
-    init();
-    let _one = ONE_AT_A_TIME.lock().await;
-    let t0 = Instant::now();
-    let d = desktop(&[&["foot", "sh"]]).await;
-    let (g, input, clip) = gnome(&d).await;
-    let cap = Capture::new(&d, g.node().borrow().expect("a node"));
-    let c = Control::spawn(input, clip);
+    let r = rig(&[&["foot", "sh"]]).await;
+    let (c, cap) = (&r.c, &r.cap);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     click_into_window(&c, &cap, deadline);
@@ -361,19 +381,13 @@ async fn shift_makes_capitals() {
     let tok: String = token().chars().map(|c| (b'A' + (c.to_digit(16).unwrap_or(0) as u8)) as char).collect();
     send_all(&c, keystrokes(&format!("echo X{tok}_ > {}\n", out.as_str())));
     wait_for_file(&out.0, &format!("X{tok}_"), deadline).await;
-    g.stop().await;
-    eprintln!("shift test: {:?}", t0.elapsed());
+    r.done("shift").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pointer_lands_where_the_viewer_points() {
-    init();
-    let _one = ONE_AT_A_TIME.lock().await;
-    let t0 = Instant::now();
-    let d = desktop(&[]).await;
-    let (g, input, clip) = gnome(&d).await;
-    let cap = Capture::new(&d, g.node().borrow().expect("a node"));
-    let c = Control::spawn(input, clip);
+    let r = rig(&[]).await;
+    let (c, cap) = (&r.c, &r.cap);
     let deadline = Instant::now() + Duration::from_secs(20);
     for (fx, fy) in [(0.25, 0.75), (0.8, 0.2)] {
         send_all(&c, [InputEvent::Pointer { x: fx, y: fy }]);
@@ -391,20 +405,13 @@ async fn the_pointer_lands_where_the_viewer_points() {
             }
         }
     }
-    drop(c);
-    g.stop().await;
-    eprintln!("pointer test: {:?}", t0.elapsed());
+    r.done("pointer").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wheel_and_smooth_scrolling_scroll_the_terminal() {
-    init();
-    let _one = ONE_AT_A_TIME.lock().await;
-    let t0 = Instant::now();
-    let d = desktop(&[&["foot", "sh"]]).await;
-    let (g, input, clip) = gnome(&d).await;
-    let cap = Capture::new(&d, g.node().borrow().expect("a node"));
-    let c = Control::spawn(input, clip);
+    let r = rig(&[&["foot", "sh"]]).await;
+    let (c, cap) = (&r.c, &r.cap);
     let deadline = Instant::now() + Duration::from_secs(25);
 
     // Enough lines for a scrollback, and a file that says they are out.
@@ -423,8 +430,7 @@ async fn the_wheel_and_smooth_scrolling_scroll_the_terminal() {
         send_all(&c, [InputEvent::Scroll { dx: 0.0, dy: 100.0 }]);
     }
     cap.until(deadline, "back at the bottom after scrolling down", |f| f.data == bottom.data);
-    g.stop().await;
-    eprintln!("scroll test: {:?}", t0.elapsed());
+    r.done("scroll").await;
 }
 
 #[tokio::test]

@@ -163,7 +163,7 @@ fn bad_flags_say_what_is_wrong() {
         (&["host", "--encoder", "quantum"], "unknown encoder \"quantum\": use auto,"),
         (&["host", "--listen", "carrier-pigeon:1"], "expected tcp:HOST:PORT"),
         (&["demo", "--size", "big"], "expected WIDTHxHEIGHT"),
-        (&["bridge", "--source", "webcam"], "expected test, x11"),
+        (&["bridge", "--source", "webcam"], "expected test, gnome, x11"),
     ];
     for (args, needle) in cases {
         let out = hxfr().args(args).output().unwrap();
