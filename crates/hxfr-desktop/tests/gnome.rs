@@ -361,10 +361,10 @@ async fn typing_into_a_terminal_runs_the_command() {
     let (c, cap) = (&r.c, &r.cap);
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    click_into_window(&c, &cap, deadline);
+    click_into_window(c, cap, deadline);
     let out = Scratch::new("typed");
     let tok = token();
-    send_all(&c, keystrokes(&format!("echo {tok} > {}\n", out.as_str())));
+    send_all(c, keystrokes(&format!("echo {tok} > {}\n", out.as_str())));
     wait_for_file(&out.0, &tok, deadline).await;
     r.done("typing").await;
 }
@@ -375,11 +375,11 @@ async fn shift_makes_capitals() {
     let (c, cap) = (&r.c, &r.cap);
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    click_into_window(&c, &cap, deadline);
+    click_into_window(c, cap, deadline);
     let out = Scratch::new("shift");
     // Letters only, typed with Shift held: the file must hold capitals.
     let tok: String = token().chars().map(|c| (b'A' + (c.to_digit(16).unwrap_or(0) as u8)) as char).collect();
-    send_all(&c, keystrokes(&format!("echo X{tok}_ > {}\n", out.as_str())));
+    send_all(c, keystrokes(&format!("echo X{tok}_ > {}\n", out.as_str())));
     wait_for_file(&out.0, &format!("X{tok}_"), deadline).await;
     r.done("shift").await;
 }
@@ -390,7 +390,7 @@ async fn the_pointer_lands_where_the_viewer_points() {
     let (c, cap) = (&r.c, &r.cap);
     let deadline = Instant::now() + Duration::from_secs(20);
     for (fx, fy) in [(0.25, 0.75), (0.8, 0.2)] {
-        send_all(&c, [InputEvent::Pointer { x: fx, y: fy }]);
+        send_all(c, [InputEvent::Pointer { x: fx, y: fy }]);
         let (px, py) = ((fx * W as f64) as usize, (fy * H as f64) as usize);
         // The hotspot is the arrow's tip: the cursor lies below and right of it.
         let near = |(x0, y0, x1, y1): (usize, usize, usize, usize)| {
@@ -415,19 +415,19 @@ async fn the_wheel_and_smooth_scrolling_scroll_the_terminal() {
     let deadline = Instant::now() + Duration::from_secs(25);
 
     // Enough lines for a scrollback, and a file that says they are out.
-    click_into_window(&c, &cap, deadline);
+    click_into_window(c, cap, deadline);
     let done = Scratch::new("scrolled");
-    send_all(&c, keystrokes(&format!("seq 1 300 ; echo done > {}\n", done.as_str())));
+    send_all(c, keystrokes(&format!("seq 1 300 ; echo done > {}\n", done.as_str())));
     wait_for_file(&done.0, "done", deadline).await;
     let bottom = cap.settled(deadline);
 
     // Three clicks up show older lines; smooth scrolling down (pixels) goes
     // back to the bottom, the very same picture.
-    send_all(&c, [InputEvent::Wheel { dx: 0, dy: -3 }]);
+    send_all(c, [InputEvent::Wheel { dx: 0, dy: -3 }]);
     cap.until(deadline, "the picture changes after the wheel", |f| f.data != bottom.data);
     cap.settled(deadline);
     for _ in 0..10 {
-        send_all(&c, [InputEvent::Scroll { dx: 0.0, dy: 100.0 }]);
+        send_all(c, [InputEvent::Scroll { dx: 0.0, dy: 100.0 }]);
     }
     cap.until(deadline, "back at the bottom after scrolling down", |f| f.data == bottom.data);
     r.done("scroll").await;
