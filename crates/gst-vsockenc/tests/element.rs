@@ -129,7 +129,20 @@ fn run(desc: &str, during: Option<(Duration, Box<dyn FnOnce()>)>) -> Result<Run,
             _ => {}
         }
     };
-    let element_stats = pipeline.by_name("v").map(|v| v.property::<gst::Structure>("stats"));
+    // A frame lost when EOS gave up waiting for it is reported by the client's
+    // reader thread: let the counters settle (every frame sent is answered or
+    // dropped) before reading them.
+    let element_stats = pipeline.by_name("v").map(|v| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let st = v.property::<gst::Structure>("stats");
+            let n = |f: &str| st.get::<u64>(f).unwrap_or(0);
+            if n("frames-sent") <= n("frames-answered") + n("frames-dropped") || Instant::now() > deadline {
+                break st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
     pipeline.set_state(gst::State::Null).unwrap();
     result?;
     let raw = raw.map(|r| std::mem::take(&mut *r.lock().unwrap())).unwrap_or_default();
