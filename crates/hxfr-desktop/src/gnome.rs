@@ -32,10 +32,6 @@ const INPUT_WAIT: Duration = Duration::from_secs(2);
 /// NotifyPointerAxis flag: from a device that scrolls continuously (no
 /// kinetic scrolling after it, no finish event expected).
 const AXIS_SOURCE_CONTINUOUS: u32 = 8;
-/// Smooth-scroll units Mutter takes for one wheel step.
-const MUTTER_UNITS_PER_STEP: f64 = 10.0;
-/// Page pixels to one wheel step (the same as X11's).
-pub const SCROLL_PX_PER_STEP: f64 = crate::x11::SCROLL_PX_PER_CLICK;
 
 #[derive(Debug, Clone, Default)]
 pub struct GnomeConfig {
@@ -303,12 +299,7 @@ impl Backend for GnomeInput {
                 }
                 r
             }
-            InputEvent::Scroll { dx, dy } => {
-                // Mutter counts 10 units to a wheel step; a page's pixels are
-                // scaled so one step is SCROLL_PX_PER_STEP pixels, as on X11.
-                let units = |px: f64| px * MUTTER_UNITS_PER_STEP / SCROLL_PX_PER_STEP;
-                rd.notify_pointer_axis(units(dx), units(dy), AXIS_SOURCE_CONTINUOUS).await
-            }
+            InputEvent::Scroll { dx, dy } => rd.notify_pointer_axis(dx, dy, AXIS_SOURCE_CONTINUOUS).await,
         };
         r.map_err(|e| DesktopError::Rejected(format!("Mutter: {e}")))
     }
