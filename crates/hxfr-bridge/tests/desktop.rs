@@ -271,16 +271,9 @@ async fn the_page_types_into_a_gnome_terminal() {
     let url = s.bridge.url();
     let (f, l) = (file.clone(), lower.clone());
     let stats = with_chromium(|client| async move {
-        client.goto(&url).await.map_err(|e| e.to_string())?;
-        poll_page(&client, "window.hxfrStats || null", |v| {
-            v["interactive"] == true && v["decoded"].as_u64() >= Some(10)
-        })
-        .await?;
-        let canvas = client.find(fantoccini::Locator::Id("screen")).await.map_err(|e| e.to_string())?;
-        canvas.click().await.map_err(|e| e.to_string())?;
         // WebDriver's Shift (U+E008) stays down until NULL (U+E000); Enter is U+E007.
         let keys = format!("echo \u{E008}{l}\u{E000} > {} && cat {}\u{E007}", f.display(), f.display());
-        canvas.send_keys(&keys).await.map_err(|e| e.to_string())?;
+        click_and_type(&client, &url, &keys).await?;
         file_says(&f, &l.to_uppercase(), Duration::from_secs(20)).await?;
         // What a person sees: the terminal with the command and its output, a
         // second of frames after the command ran.
@@ -365,6 +358,17 @@ async fn view_only_and_wrong_token_viewers_type_and_nothing_arrives() {
     }
     file_says(&marker, "done", Duration::from_secs(20)).await.unwrap();
     assert!(!refused_file.exists(), "a refused viewer's command ran");
+}
+
+/// Opens the page, waits until it is interactive and decoding, clicks the
+/// picture and types `keys` (WebDriver key codes allowed).
+async fn click_and_type(client: &fantoccini::Client, url: &str, keys: &str) -> Result<(), String> {
+    client.goto(url).await.map_err(|e| e.to_string())?;
+    poll_page(client, "window.hxfrStats || null", |v| v["interactive"] == true && v["decoded"].as_u64() >= Some(10))
+        .await?;
+    let canvas = client.find(fantoccini::Locator::Id("screen")).await.map_err(|e| e.to_string())?;
+    canvas.click().await.map_err(|e| e.to_string())?;
+    canvas.send_keys(keys).await.map_err(|e| e.to_string())
 }
 
 /// The HTTP status of a GET on the bridge.
@@ -474,15 +478,8 @@ async fn the_page_types_into_an_x11_terminal() {
     let url = s.bridge.url();
     let (f, l) = (file.clone(), lower.clone());
     with_chromium(|client| async move {
-        client.goto(&url).await.map_err(|e| e.to_string())?;
-        poll_page(&client, "window.hxfrStats || null", |v| {
-            v["interactive"] == true && v["decoded"].as_u64() >= Some(10)
-        })
-        .await?;
-        let canvas = client.find(fantoccini::Locator::Id("screen")).await.map_err(|e| e.to_string())?;
-        canvas.click().await.map_err(|e| e.to_string())?;
         let keys = format!("echo \u{E008}{l}\u{E000} > {}\u{E007}", f.display());
-        canvas.send_keys(&keys).await.map_err(|e| e.to_string())
+        click_and_type(&client, &url, &keys).await
     })
     .await
     .unwrap();
